@@ -1,0 +1,142 @@
+"""The server's handle on the sidecar process: start it, send commands, receive events in asyncio.
+
+    sidecar = SidecarClient(SidecarConfig(part_dir=...))
+    await sidecar.start()                       # spawns the process, waits for SidecarReady
+    queue = sidecar.subscribe("s1")             # asyncio.Queue of that stream's events
+    sidecar.send(OpenStream("s1", "What happens?"))
+    sidecar.send(PushFrames("s1", frames))
+    ...
+    await sidecar.stop()
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+
+import torch.multiprocessing as mp
+
+from dispider_vllm.sidecar.protocol import (
+    ClipPerceived,
+    Command,
+    Decision,
+    Event,
+    Shutdown,
+    SidecarReady,
+    SidecarStats,
+    StreamEnded,
+    StreamError,
+    Triggered,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SidecarConfig:
+    part_dir: str  # the checkpoint's perception_decision part (see dispider_vllm.checkpoint.split)
+    device: str = "cpu"
+    dtype: str = "float32"
+    max_batch_clips: int = 32  # clips of all streams encoded in one batch
+    max_kept_clips: int = 256  # per stream: clips whose features stay retrievable
+    max_context_clips: int = 64  # per stream: pending clips in the decision context
+    respond_every: int | None = None  # force a trigger every N clips (load tests with random weights)
+    respond_probability: float | None = None  # or with this probability per clip (seeded per stream)
+    threads: int | None = None  # torch CPU threads in the sidecar process
+    extra: dict = field(default_factory=dict)
+
+
+class SidecarClient:
+    def __init__(self, config: SidecarConfig) -> None:
+        self.config = config
+        self._ctx = mp.get_context("spawn")
+        self._commands = self._ctx.Queue()
+        self._events = self._ctx.Queue()
+        self._process = None
+        self._reader: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._subscribers: dict[str, asyncio.Queue] = {}
+        self._ready = threading.Event()
+        self.ready_info: SidecarReady | None = None
+        self.last_stats: SidecarStats | None = None
+        self.started_at = 0.0
+        self.startup_error: str | None = None
+
+    # -- lifecycle ----------------------------------------------------------------------------------------
+    async def start(self, timeout: float = 600.0) -> SidecarReady:
+        from dispider_vllm.sidecar.process import run_sidecar
+
+        self._loop = asyncio.get_running_loop()
+        self._process = self._ctx.Process(
+            target=run_sidecar, args=(self.config, self._commands, self._events), name="dispider-sidecar", daemon=True
+        )
+        self._process.start()
+        self.started_at = time.monotonic()
+        self._reader = threading.Thread(target=self._read_events, name="sidecar-events", daemon=True)
+        self._reader.start()
+        ready = await asyncio.to_thread(self._ready.wait, timeout)
+        if not ready or self.ready_info is None:
+            raise RuntimeError(f"the sidecar did not start: {self.startup_error or 'timed out'}")
+        return self.ready_info
+
+    async def stop(self, timeout: float = 10.0) -> None:
+        if self._process is None:
+            return
+        self.send(Shutdown())
+        await asyncio.to_thread(self._process.join, timeout)
+        if self._process.is_alive():
+            self._process.terminate()
+        self._events.put(None)  # wakes the reader thread
+        self._process = None
+
+    def is_alive(self) -> bool:
+        return self._process is not None and self._process.is_alive()
+
+    # -- commands and events ------------------------------------------------------------------------------
+    def send(self, command: Command) -> None:
+        self._commands.put(command)
+
+    def subscribe(self, stream_id: str) -> asyncio.Queue:
+        queue: asyncio.Queue = asyncio.Queue()
+        self._subscribers[stream_id] = queue
+        return queue
+
+    def unsubscribe(self, stream_id: str) -> None:
+        self._subscribers.pop(stream_id, None)
+
+    def _read_events(self) -> None:
+        while True:
+            try:
+                event = self._events.get()
+            except (EOFError, OSError):
+                break
+            if event is None:
+                break
+            if isinstance(event, SidecarReady):
+                self.ready_info = event
+                self._ready.set()
+                continue
+            if isinstance(event, str):  # a startup failure, sent as text
+                self.startup_error = event
+                self._ready.set()
+                continue
+            if isinstance(event, SidecarStats):
+                self.last_stats = event
+                continue
+            stream_id = _stream_of(event)
+            queue = self._subscribers.get(stream_id) if stream_id is not None else None
+            if queue is not None and self._loop is not None:
+                self._loop.call_soon_threadsafe(queue.put_nowait, event)
+
+
+def _stream_of(event: Event) -> str | None:
+    if isinstance(event, (ClipPerceived, StreamError, StreamEnded)):
+        return event.stream_id
+    if isinstance(event, Decision):
+        return event.event.stream_id
+    if isinstance(event, Triggered):
+        return event.trigger.event.stream_id
+    return None

@@ -1,0 +1,130 @@
+"""The typed messages between the server and the sidecar process.
+
+Commands go in (server -> sidecar), events come out (sidecar -> server); nothing flows back into perception
+from the reaction, so the sidecar never waits on it. Tensors travel through ``torch.multiprocessing`` queues,
+which move their storage through shared memory instead of pickling the bytes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Union
+
+from dispider_vllm.types import DecisionEvent, Frame, Trigger
+
+
+# ---- commands -------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class StreamOptions:
+    clip_mode: str = "uniform"  # "uniform" (16 frames at 1 fps) or "scene"
+    sample_fps: float = 1.0
+    frames_per_clip: int = 16
+
+
+@dataclass(frozen=True)
+class OpenStream:
+    stream_id: str
+    question: str
+    options: StreamOptions = field(default_factory=StreamOptions)
+    tenant: str = "default"
+
+
+@dataclass(frozen=True)
+class PushFrames:
+    """Decoded frames of one stream, in time order. ``end_of_stream`` closes the last partial clip."""
+
+    stream_id: str
+    frames: tuple[Frame, ...]
+    end_of_stream: bool = False
+
+
+@dataclass(frozen=True)
+class PushEncoded:
+    """A chunk of an encoded video (a whole file, or a self-contained segment) to decode in the sidecar."""
+
+    stream_id: str
+    data: bytes
+    time_offset: float = 0.0
+    end_of_stream: bool = False
+
+
+@dataclass(frozen=True)
+class AskQuestion:
+    stream_id: str
+    question: str
+
+
+@dataclass(frozen=True)
+class CloseStream:
+    stream_id: str
+
+
+@dataclass(frozen=True)
+class Shutdown:
+    pass
+
+
+Command = Union[OpenStream, PushFrames, PushEncoded, AskQuestion, CloseStream, Shutdown]
+
+
+# ---- events ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SidecarReady:
+    device: str
+    model: str
+
+
+@dataclass(frozen=True)
+class ClipPerceived:
+    """A clip closed and went through perception (for metrics and timelines)."""
+
+    stream_id: str
+    clip_index: int
+    start: float
+    end: float
+    latency_s: float  # clip's last frame received -> features ready
+
+
+@dataclass(frozen=True)
+class Decision:
+    """A decision with its latency: clip's last frame received -> decision emitted."""
+
+    event: DecisionEvent
+    latency_s: float
+
+
+@dataclass(frozen=True)
+class Triggered:
+    trigger: Trigger
+    latency_s: float
+
+
+@dataclass(frozen=True)
+class StreamError:
+    """Bad input for one stream (``code`` is a short machine-readable word). The stream stays open."""
+
+    stream_id: str
+    code: str
+    message: str
+
+
+@dataclass(frozen=True)
+class StreamEnded:
+    """Every pushed frame of the stream has been decided (after ``end_of_stream``), or it was closed."""
+
+    stream_id: str
+    reason: str  # "end_of_stream" | "closed"
+    clips: int
+
+
+@dataclass(frozen=True)
+class SidecarStats:
+    streams: int
+    pending_frames: int
+    pending_clips: int
+    frames_total: int
+    clips_total: int
+    batches_total: int
+
+
+Event = Union[SidecarReady, ClipPerceived, Decision, Triggered, StreamError, StreamEnded, SidecarStats]

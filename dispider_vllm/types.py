@@ -1,0 +1,107 @@
+"""Typed data at the doors between the rooms: frames -> clips -> features -> decisions -> triggers.
+
+Shapes are written for the real model (CLIP-L/14, Qwen2-1.5B compact model, Qwen2-7B reaction model);
+the tiny random checkpoints use the same layout with smaller hidden sizes:
+
+    raw_dim     = 4 * CLIP hidden      (4096 real)   2x2-merged CLIP patches
+    memory_dim  = compact LLM hidden   (1536 real)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+FRAMES_PER_CLIP = 16
+RAW_TOKENS_PER_CLIP = 1024  # 16 frames x 8x8 merged patches
+MEMORY_TOKENS_PER_CLIP = 64  # pooled slots: 16 frames x 2x2 cells
+REACTION_TOKENS_PER_CLIP = RAW_TOKENS_PER_CLIP + MEMORY_TOKENS_PER_CLIP  # 1088
+
+
+@dataclass(frozen=True)
+class Frame:
+    """One decoded video frame, RGB uint8 [H, W, 3], at a point of video time (seconds)."""
+
+    timestamp: float
+    pixels: np.ndarray
+
+
+@dataclass(frozen=True)
+class Clip:
+    """Sixteen sampled frames, ready for the CLIP tower.
+
+    ``pixels`` is [16, 3, 224, 224] float32, already squashed to square, resized and CLIP-normalised.
+    ``start``/``end`` are the seconds written into the time prompt.
+    """
+
+    index: int
+    start: float
+    end: float
+    pixels: torch.Tensor
+    frame_times: tuple[float, ...] = ()
+
+
+@dataclass
+class ClipFeatures:
+    """What perception keeps of one clip (DISPIDER.md section 2)."""
+
+    index: int
+    start: float
+    end: float
+    raw: torch.Tensor  # [1024, raw_dim]   merged CLIP patches, kept for the reaction
+    memory: torch.Tensor  # [64, memory_dim]  M_i, compressed clip features
+    indicator: torch.Tensor  # [memory_dim]   T_i, the clip indicator
+
+
+@dataclass(frozen=True)
+class DecisionEvent:
+    """The decision taken when a clip closes: logit > 0 means respond."""
+
+    stream_id: str
+    question_id: int
+    clip_index: int
+    start: float
+    end: float
+    logit: float
+
+    @property
+    def respond(self) -> bool:
+        return self.logit > 0.0
+
+
+@dataclass
+class ClipBundle:
+    """The reaction model's multimodal input for one answer (DISPIDER.md section 4).
+
+    Spliced at ``<image>`` as: for each retrieved clip in time order, clip_projector(raw_j) (1024 positions)
+    then compress_projector(memory_j) (64 positions); then compress_projector(global_memory) (t positions).
+    """
+
+    raw: torch.Tensor  # [k, 1024, raw_dim]
+    memory: torch.Tensor  # [k, 64, memory_dim]
+    global_memory: torch.Tensor  # [t, memory_dim]
+
+    @property
+    def num_clips(self) -> int:
+        return int(self.raw.shape[0])
+
+    @property
+    def num_positions(self) -> int:
+        return REACTION_TOKENS_PER_CLIP * self.num_clips + int(self.global_memory.shape[0])
+
+    def as_mm_data(self) -> dict[str, torch.Tensor]:
+        """The ``multi_modal_data["image"]`` item the vLLM reaction model takes."""
+        return {"clip_raw": self.raw, "clip_memory": self.memory, "global_memory": self.global_memory}
+
+
+@dataclass
+class Trigger:
+    """A decision that said respond, with everything the reaction needs."""
+
+    event: DecisionEvent
+    question: str
+    retrieved: tuple[int, ...]  # clip indices, chronological
+    bundle: ClipBundle
+    previous_answers: tuple[str, ...] = field(default_factory=tuple)
