@@ -1,0 +1,5 @@
+"""``python -m dispider_vllm.checkpoint``: the dispider-checkpoint command line."""
+
+from .cli import main
+
+raise SystemExit(main())

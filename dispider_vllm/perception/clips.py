@@ -1,0 +1,121 @@
+"""Sampled frames -> 16-frame clips, per stream (DISPIDER.md section 2, "Sampling" and "Time prompt").
+
+Two ways to cut the stream:
+
+- ``uniform`` (v2 streaming, the released behaviour): fixed windows of ``frames_per_clip / fps`` seconds
+  (16 s at 1 fps), one clip every 16 sampled frames. The time prompt's ``start``/``end`` are the window start and
+  end, rounded; a partial last window, closed by :meth:`ClipAssembler.flush`, ends at its last sample time,
+  rounded, and repeats its last frame up to 16.
+- ``scene`` (the paper's scene-based clips): :mod:`dispider_vllm.perception.scenes` cuts the stream into scenes,
+  and each scene becomes one clip of 16 frames spread evenly over it. Each sampled frame stands for one sampling
+  interval centred on it, so a scene runs from its first frame's time minus half an interval to its last frame's
+  time plus half an interval; clips of consecutive scenes tile the timeline.
+
+Times are rounded with Python's ``round`` (half to even), as the time prompt takes whole seconds.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from dispider_vllm.perception.frames import (
+    FrameError,
+    PreprocessorConfig,
+    preprocess_with_config,
+    validate_frame,
+)
+from dispider_vllm.perception.scenes import SceneOptions, SceneSegmenter, resample_scene
+from dispider_vllm.types import FRAMES_PER_CLIP, Clip, Frame
+
+ClipMode = Literal["uniform", "scene"]
+
+
+class ClipAssembler:
+    """Per-stream: takes sampled frames (from a :class:`~dispider_vllm.perception.frames.FrameSampler` at the
+    same ``fps``) and closes preprocessed :class:`Clip` s, indexed from 0.
+
+    ``start`` is the stream's time origin, where the first uniform window begins. By default it is taken from
+    the first frame as its time minus half a sampling interval, which is exact when that frame is the sampler's
+    first target ``start + 0.5 / fps``; pass the sampler's ``start`` to be exact in every case.
+    ``preprocessor`` is a :class:`PreprocessorConfig` or a ``preprocessor_config.json`` dict (CLIP defaults when
+    None). A frame that is rejected (:class:`FrameError`) leaves the assembler as it was.
+    """
+
+    def __init__(
+        self,
+        frames_per_clip: int = FRAMES_PER_CLIP,
+        fps: float = 1.0,
+        mode: ClipMode = "uniform",
+        *,
+        start: float | None = None,
+        scene_options: SceneOptions | None = None,
+        preprocessor: PreprocessorConfig | dict | None = None,
+    ):
+        if mode not in ("uniform", "scene"):
+            raise ValueError(f"mode is 'uniform' or 'scene', not {mode!r}")
+        if frames_per_clip < 1 or not fps > 0:
+            raise ValueError(f"need frames_per_clip >= 1 and fps > 0, got {frames_per_clip} and {fps}")
+        self.frames_per_clip = frames_per_clip
+        self.fps = fps
+        self.mode = mode
+        self.start = start
+        self.preprocessor = (
+            preprocessor if isinstance(preprocessor, PreprocessorConfig)
+            else PreprocessorConfig.from_dict(preprocessor or {})
+        )
+        self._segmenter = SceneSegmenter(scene_options) if mode == "scene" else None
+        self._pending: list[Frame] = []  # uniform mode: the window in progress
+        self._last_time: float | None = None
+        self.next_index = 0
+
+    def push(self, frame: Frame) -> list[Clip]:
+        """Feed one sampled frame; returns the clips it closed (usually none, at most one)."""
+        self._check(frame)
+        if self.start is None:
+            self.start = frame.timestamp - 0.5 / self.fps
+        self._last_time = frame.timestamp
+        if self._segmenter is not None:
+            return [self._scene_clip(scene) for scene in self._segmenter.push(frame)]
+        self._pending.append(frame)
+        if len(self._pending) < self.frames_per_clip:
+            return []
+        return [self._close_window(partial=False)]
+
+    def flush(self) -> list[Clip]:
+        """End of stream: close the clip in progress, if any frames are waiting."""
+        if self._segmenter is not None:
+            return [self._scene_clip(scene) for scene in self._segmenter.flush()]
+        return [self._close_window(partial=True)] if self._pending else []
+
+    def _check(self, frame: Frame) -> None:
+        validate_frame(frame.pixels)
+        if self._last_time is not None and frame.timestamp < self._last_time:
+            raise FrameError(f"frame timestamp {frame.timestamp:.3f}s goes back from {self._last_time:.3f}s")
+
+    def _close_window(self, *, partial: bool) -> Clip:
+        frames, self._pending = self._pending, []
+        window = self.frames_per_clip / self.fps
+        start = self.start + self.next_index * window
+        end = frames[-1].timestamp if partial else start + window
+        frames = frames + [frames[-1]] * (self.frames_per_clip - len(frames))  # the model takes exactly 16
+        return self._make_clip(frames, start, end)
+
+    def _scene_clip(self, scene: list[Frame]) -> Clip:
+        half_interval = 0.5 / self.fps
+        start, end = scene[0].timestamp - half_interval, scene[-1].timestamp + half_interval
+        return self._make_clip(resample_scene(scene, self.frames_per_clip), start, end)
+
+    def _make_clip(self, frames: list[Frame], start: float, end: float) -> Clip:
+        clip = Clip(
+            index=self.next_index,
+            start=_whole_seconds(start),
+            end=_whole_seconds(end),
+            pixels=preprocess_with_config([f.pixels for f in frames], self.preprocessor),
+            frame_times=tuple(f.timestamp for f in frames),
+        )
+        self.next_index += 1
+        return clip
+
+
+def _whole_seconds(seconds: float) -> float:
+    return round(seconds) + 0.0  # + 0.0 turns -0.0 (from a start a hair below zero) into 0.0

@@ -1,0 +1,377 @@
+"""Frames in: decode videos and pushed images, sample them at a fixed rate, and preprocess them for CLIP.
+
+DISPIDER.md section 2 fixes what the model expects:
+
+- streaming sampling keeps, in every window, the frame nearest to ``start + (k + 0.5) / fps`` (1 fps);
+- a non-square frame is squashed (nearest-neighbour, no crop) to ``min(H, W)`` square, then the vision tower's
+  ``CLIPImageProcessor`` runs: bicubic resize of the shortest edge, center crop, ``/255``, CLIP mean/std.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Union
+
+import av
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from dispider_vllm.types import Frame
+
+VideoSource = Union[str, os.PathLike, bytes, bytearray, memoryview, BinaryIO]
+
+MIN_FRAME_SIDE = 16
+MAX_FRAME_SIDE = 4096
+
+# Only plain media containers: playlist-like demuxers (hls, concat, dash, ...) would open other files or URLs
+# named inside an uploaded file. FFmpeg matches these names against each demuxer's comma-separated aliases.
+ALLOWED_DEMUXERS = "mov,mp4,matroska,webm,avi,mpegts,mpeg,flv,ogg,asf,gif,ivf"
+
+IMAGE_FORMATS = ("JPEG", "PNG", "WEBP")
+
+# CLIP ViT-L/14 defaults (OpenAI CLIP's preprocessing, as in its preprocessor_config.json), used when the
+# checkpoint's vision tower does not give its own.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+CLIP_SIZE = 224
+
+
+class VideoError(ValueError):
+    """A video that cannot be opened or decoded (corrupt, unsupported, too large, missing)."""
+
+
+class FrameError(ValueError):
+    """A pushed frame that cannot be used (corrupt image, wrong shape or dtype, time going backwards)."""
+
+
+# ----------------------------------------------------------------------------------------------- decoding
+
+
+@dataclass(frozen=True)
+class VideoInfo:
+    duration: float | None  # seconds; None when the container does not say
+    fps: float | None
+    width: int
+    height: int
+    codec: str
+
+
+def probe_video(source: VideoSource, *, max_bytes: int | None = None) -> VideoInfo:
+    """Read a video's header: duration, frame rate, size and codec, without decoding frames."""
+    with _open_container(source, max_bytes) as container:
+        stream = _video_stream(container)
+        return VideoInfo(
+            duration=_duration_seconds(container, stream),
+            fps=float(stream.average_rate) if stream.average_rate else None,
+            width=stream.codec_context.width,
+            height=stream.codec_context.height,
+            codec=stream.codec_context.name,
+        )
+
+
+def decode_video(source: VideoSource, *, max_bytes: int | None = None) -> Iterator[Frame]:
+    """Decode every frame of a video as RGB uint8 with its time in seconds from the stream start.
+
+    ``source`` is a local path, the raw bytes of a file, or a binary file-like object. The container is opened
+    (and a bad file rejected with :class:`VideoError`) before this returns; frames are decoded lazily.
+    ``max_bytes`` refuses larger inputs up front.
+    """
+    container = _open_container(source, max_bytes)
+    try:
+        stream = _video_stream(container)
+    except VideoError:
+        container.close()
+        raise
+    return _iter_frames(container, stream)
+
+
+def _iter_frames(container: av.container.InputContainer, stream: av.video.stream.VideoStream) -> Iterator[Frame]:
+    stream.thread_type = "AUTO"  # frame-parallel decoding
+    origin = float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0
+    fps = float(stream.average_rate or stream.guessed_rate or 0) or None
+    try:
+        for index, frame in enumerate(container.decode(stream)):
+            if frame.pts is not None and frame.time_base is not None:
+                timestamp = float(frame.pts * frame.time_base) - origin
+            elif fps:
+                timestamp = index / fps  # no timestamps in the stream: assume a constant rate
+            else:
+                raise VideoError("the video has neither frame timestamps nor a frame rate")
+            yield Frame(timestamp=timestamp, pixels=frame.to_ndarray(format="rgb24"))
+    except av.FFmpegError as error:
+        raise VideoError(f"video could not be decoded: {_describe(error)}") from None
+    finally:
+        container.close()
+
+
+def _open_container(source: VideoSource, max_bytes: int | None) -> av.container.InputContainer:
+    options = {"format_whitelist": ALLOWED_DEMUXERS}
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        if not path.is_file():
+            raise VideoError(f"no such video file: {os.fspath(source)}")
+        _check_size(path.stat().st_size, max_bytes)
+        target: str | BinaryIO = str(path)
+        options["protocol_whitelist"] = "file"  # a path, never a URL
+    elif isinstance(source, (bytes, bytearray, memoryview)):
+        _check_size(len(source), max_bytes)
+        target = io.BytesIO(source)
+    elif hasattr(source, "read"):
+        target = _bounded_file(source, max_bytes)
+    else:
+        raise TypeError(f"a video source is a path, bytes or a binary file object, not {type(source).__name__}")
+    try:
+        return av.open(target, mode="r", options=options)
+    except av.FFmpegError as error:
+        raise VideoError(f"not a readable video (corrupt, or not an accepted container): {_describe(error)}") from None
+
+
+def _bounded_file(file: BinaryIO, max_bytes: int | None) -> BinaryIO:
+    if max_bytes is None:
+        return file
+    if file.seekable():
+        here = file.tell()
+        size = file.seek(0, io.SEEK_END) - here
+        file.seek(here)
+        _check_size(size, max_bytes)
+        return file
+    data = file.read(max_bytes + 1)  # a stream of unknown length: read at most one byte past the limit
+    _check_size(len(data), max_bytes)
+    return io.BytesIO(data)
+
+
+def _check_size(size: int, max_bytes: int | None) -> None:
+    if max_bytes is not None and size > max_bytes:
+        raise VideoError(f"video is {size} bytes, over the limit of {max_bytes} bytes")
+    if size == 0:
+        raise VideoError("video is empty")
+
+
+def _video_stream(container: av.container.InputContainer) -> av.video.stream.VideoStream:
+    if not container.streams.video:
+        raise VideoError(f"the {container.format.name} file has no video stream")
+    return container.streams.video[0]
+
+
+def _duration_seconds(container: av.container.InputContainer, stream: av.video.stream.VideoStream) -> float | None:
+    if stream.duration is not None and stream.time_base is not None:
+        return float(stream.duration * stream.time_base)
+    if container.duration is not None:
+        return container.duration / av.time_base
+    return None
+
+
+def _describe(error: av.FFmpegError) -> str:
+    return error.strerror or type(error).__name__
+
+
+# ------------------------------------------------------------------------------------------- live frames
+
+
+def decode_image(data: bytes) -> np.ndarray:
+    """Decode a pushed JPEG, PNG or WebP frame to RGB uint8 [H, W, 3] (EXIF rotation applied)."""
+    try:
+        with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as image:
+            _check_side_lengths(image.width, image.height)  # before decoding: refuse huge images cheaply
+            image = ImageOps.exif_transpose(image).convert("RGB")
+            pixels = np.asarray(image)
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError, SyntaxError) as error:
+        raise FrameError(f"not a readable JPEG/PNG/WebP image: {error}") from None
+    return validate_frame(pixels)
+
+
+def validate_frame(pixels: np.ndarray) -> np.ndarray:
+    """Check a frame is RGB uint8 [H, W, 3] with sides in [16, 4096]; returns it unchanged."""
+    if not isinstance(pixels, np.ndarray):
+        raise FrameError(f"a frame is a numpy array, not {type(pixels).__name__}")
+    if pixels.ndim != 3 or pixels.shape[2] != 3:
+        raise FrameError(f"a frame is [H, W, 3] RGB, got shape {list(pixels.shape)}")
+    if pixels.dtype != np.uint8:
+        raise FrameError(f"a frame is uint8, got {pixels.dtype}")
+    _check_side_lengths(pixels.shape[1], pixels.shape[0])
+    return pixels
+
+
+def _check_side_lengths(width: int, height: int) -> None:
+    if not (MIN_FRAME_SIDE <= width <= MAX_FRAME_SIDE and MIN_FRAME_SIDE <= height <= MAX_FRAME_SIDE):
+        raise FrameError(f"frame is {width}x{height}; each side must be {MIN_FRAME_SIDE}..{MAX_FRAME_SIDE} px")
+
+
+# ---------------------------------------------------------------------------------------------- sampling
+
+
+class FrameSampler:
+    """Per-stream resampler to a fixed rate: for each target time ``start + (k + 0.5) / fps`` it keeps the
+    nearest frame (the earlier one on a tie).
+
+    It is streaming: a target is decided as soon as a frame at or past it arrives, from that frame and the one
+    before it. When frames are sparser than ``fps``, one frame fills several targets, so every window still
+    gets its full count. ``start`` defaults to the first frame's timestamp.
+    """
+
+    def __init__(self, fps: float = 1.0, *, start: float | None = None):
+        if not fps > 0:
+            raise ValueError(f"fps must be positive, got {fps}")
+        self.fps = fps
+        self.start = start
+        self._taken = 0  # targets already filled
+        self._previous: Frame | None = None
+
+    @property
+    def next_target(self) -> float | None:
+        """The time of the next sample to fill, once ``start`` is known."""
+        return None if self.start is None else self.start + (self._taken + 0.5) / self.fps
+
+    def push(self, frame: Frame) -> list[Frame]:
+        """Feed the next frame; returns the sampled frames it decided (zero, one or several).
+
+        A bad frame (shape, dtype, size, time going back) raises :class:`FrameError` and changes nothing.
+        """
+        validate_frame(frame.pixels)  # before it can be picked: a sample slot is never spent on a bad frame
+        if not math.isfinite(frame.timestamp):
+            raise FrameError(f"frame timestamp must be finite, got {frame.timestamp}")
+        if self._previous is not None and frame.timestamp < self._previous.timestamp:
+            raise FrameError(
+                f"frame timestamp {frame.timestamp:.3f}s goes back from {self._previous.timestamp:.3f}s"
+            )
+        if self.start is None:
+            self.start = frame.timestamp
+        sampled = []
+        while frame.timestamp >= (target := self.next_target):
+            sampled.append(self._nearer(self._previous, frame, target))
+            self._taken += 1
+        self._previous = frame
+        return sampled
+
+    @staticmethod
+    def _nearer(before: Frame | None, after: Frame, target: float) -> Frame:
+        if before is not None and target - before.timestamp <= after.timestamp - target:
+            return before
+        return after
+
+
+# ----------------------------------------------------------------------------------------- preprocessing
+
+
+@dataclass(frozen=True)
+class PreprocessorConfig:
+    """What a ``CLIPImageProcessor`` does to a square frame: resize the shortest edge, center crop, rescale,
+    normalise. Defaults are OpenAI CLIP ViT-L/14-224's."""
+
+    image_mean: tuple[float, float, float] = CLIP_MEAN
+    image_std: tuple[float, float, float] = CLIP_STD
+    shortest_edge: int = CLIP_SIZE
+    crop_height: int = CLIP_SIZE
+    crop_width: int = CLIP_SIZE
+    rescale_factor: float = 1 / 255
+
+    @classmethod
+    def from_dict(cls, config: dict) -> PreprocessorConfig:
+        """Read a ``preprocessor_config.json`` dict; keys it lacks keep the CLIP defaults. ``size`` and
+        ``crop_size`` may be ints (old files) or dicts (``shortest_edge`` / ``height`` + ``width``)."""
+        size = config.get("size", CLIP_SIZE)
+        shortest_edge = size if isinstance(size, int) else size.get("shortest_edge", min(size.values()))
+        crop = config.get("crop_size", shortest_edge)
+        crop_height, crop_width = (crop, crop) if isinstance(crop, int) else (crop["height"], crop["width"])
+        return cls(
+            image_mean=tuple(config.get("image_mean", CLIP_MEAN)),
+            image_std=tuple(config.get("image_std", CLIP_STD)),
+            shortest_edge=int(shortest_edge),
+            crop_height=int(crop_height),
+            crop_width=int(crop_width),
+            rescale_factor=float(config.get("rescale_factor", 1 / 255)),
+        )
+
+
+def load_preprocessor_config(path: str | os.PathLike) -> PreprocessorConfig:
+    """Load ``preprocessor_config.json`` (the file, or a directory holding it, e.g. the vision-tower dir)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "preprocessor_config.json"
+    return PreprocessorConfig.from_dict(json.loads(path.read_text()))
+
+
+def preprocess_frames(
+    frames: Sequence[np.ndarray],
+    image_mean: Sequence[float] = CLIP_MEAN,
+    image_std: Sequence[float] = CLIP_STD,
+    size: int = CLIP_SIZE,
+    *,
+    crop_size: int | tuple[int, int] | None = None,
+    rescale_factor: float = 1 / 255,
+) -> torch.Tensor:
+    """RGB uint8 frames [H, W, 3] -> float32 [n, 3, crop, crop] for the CLIP tower.
+
+    Each frame is squashed to ``min(H, W)`` square (nearest neighbour, no crop), then treated as the
+    ``CLIPImageProcessor`` of transformers 5 does: shortest edge resized to ``size`` (bicubic, antialiased, on
+    uint8), center crop to ``crop_size`` (default ``size``), rescale, normalise. Frames of one size form one batch.
+    """
+    if not frames:
+        raise ValueError("no frames to preprocess")
+    crop = (crop_size, crop_size) if isinstance(crop_size, int) else crop_size or (size, size)
+    out = torch.empty(len(frames), 3, crop[0], crop[1], dtype=torch.float32)
+    squares = [_squash_to_square(frame) for frame in frames]
+    for indices in _group_by_shape(squares).values():
+        batch = torch.from_numpy(np.stack([squares[i] for i in indices])).permute(0, 3, 1, 2)
+        out[indices] = _center_crop(_resize_shortest_edge(batch, size), crop).float()
+    mean = torch.tensor(image_mean, dtype=torch.float32).view(1, 3, 1, 1)
+    std = torch.tensor(image_std, dtype=torch.float32).view(1, 3, 1, 1)
+    return (out * rescale_factor - mean) / std
+
+
+def preprocess_with_config(frames: Sequence[np.ndarray], config: PreprocessorConfig) -> torch.Tensor:
+    return preprocess_frames(
+        frames,
+        config.image_mean,
+        config.image_std,
+        config.shortest_edge,
+        crop_size=(config.crop_height, config.crop_width),
+        rescale_factor=config.rescale_factor,
+    )
+
+
+def _group_by_shape(frames: Sequence[np.ndarray]) -> dict[tuple[int, ...], list[int]]:
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for index, frame in enumerate(frames):
+        groups.setdefault(frame.shape, []).append(index)
+    return groups
+
+
+def _squash_to_square(frame: np.ndarray) -> np.ndarray:
+    """[H, W, 3] -> [S, S, 3], S = min(H, W), with PIL's nearest-neighbour resize (what PIL-based loaders do)."""
+    height, width = frame.shape[:2]
+    if height == width:
+        return frame
+    side = min(height, width)
+    return np.asarray(Image.fromarray(frame).resize((side, side), Image.Resampling.NEAREST))
+
+
+def _resize_shortest_edge(batch: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 [n, 3, H, W] -> uint8 [n, 3, h, w] with min(h, w) = size.
+
+    torch's uint8 bicubic antialiased kernel is the one torchvision (so the image processor) uses: same output.
+    """
+    height, width = batch.shape[-2:]
+    short, long = min(height, width), max(height, width)
+    new_long = int(size * long / short)  # as transformers' get_resize_output_image_size
+    new_size = (size, new_long) if height <= width else (new_long, size)
+    if (height, width) == new_size:
+        return batch
+    return F.interpolate(batch, size=new_size, mode="bicubic", antialias=True, align_corners=False)
+
+
+def _center_crop(batch: torch.Tensor, crop: tuple[int, int]) -> torch.Tensor:
+    height, width = batch.shape[-2:]
+    crop_height, crop_width = crop
+    if height < crop_height or width < crop_width:
+        raise ValueError(f"cannot crop {crop_height}x{crop_width} from a {height}x{width} image")
+    top, left = (height - crop_height) // 2, (width - crop_width) // 2
+    return batch[..., top : top + crop_height, left : left + crop_width]

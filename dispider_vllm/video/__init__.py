@@ -1,0 +1,1 @@
+"""Video utilities outside the model: synthetic test videos and frames (``synth``)."""
