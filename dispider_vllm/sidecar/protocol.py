@@ -36,6 +36,7 @@ class PushFrames:
     stream_id: str
     frames: tuple[Frame, ...]
     end_of_stream: bool = False
+    received_at: float | None = None  # time.time() when the server got them; latencies count from here
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,7 @@ class PushEncoded:
     data: bytes
     time_offset: float = 0.0
     end_of_stream: bool = False
+    received_at: float | None = None
 
 
 @dataclass(frozen=True)
@@ -95,6 +97,8 @@ class Decision:
 
 @dataclass(frozen=True)
 class Triggered:
+    """Sent instead of ``Decision`` for a clip whose decision is to respond; ``trigger.event`` is that decision."""
+
     trigger: Trigger
     latency_s: float
 

@@ -1,0 +1,267 @@
+"""The compact Qwen2 run on input embeddings, with a KV cache shared by many streams.
+
+Dispider feeds the compact LLM's own post-norm hidden states back in as input embeddings (DISPIDER.md section 8.2),
+so every pass here takes embeddings and returns post-final-norm hidden states. The weights are those of a
+transformers ``Qwen2Model``; the attention math (RoPE, GQA, masking) is done here so that the cache layout and the
+batching across streams are ours.
+
+KV cache design (:class:`KVPool`): one pool tensor per K and V, ``[layers, slots, kv_heads, capacity, head_dim]``.
+Each stream owns one slot; positions ``[0, length)`` of a slot hold the stream's committed prefix, positions after
+it are scratch. A batched cached forward writes every row's suffix K/V into the scratch right after that row's
+prefix, attends over ``[0, max_length + suffix)`` of the selected slots with a causal mask offset by each row's own
+prefix length, and then commits only the first ``keep`` suffix tokens of each row (the length moves; nothing is
+copied). So: append = commit everything, evaluate-without-keeping = commit nothing, truncate = lower the length.
+When the batch is a run of consecutive slots the K/V are read as a view, without a copy.
+
+GQA in the cached path folds the query heads of a KV head into the query length, so K/V are never repeated;
+the mask is additive, built once per forward. On a GPU the masked path runs the memory-efficient SDPA kernel
+(cuDNN's re-planning per shape cost more host time than the step's GPU time), the causal path flash attention.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from transformers import Qwen2Model
+
+AttendFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class KVPool:
+    """Per-stream KV caches of the compact LLM, stored as slots of one pool (see the module docstring)."""
+
+    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, *, dtype: torch.dtype,
+                 device: torch.device, slots: int = 4, capacity: int = 1024, growth_multiple: int = 256):
+        self.growth_multiple = growth_multiple
+        shape = (num_layers, slots, num_kv_heads, capacity, head_dim)
+        # Zeros, not empty: masked-out scratch is still multiplied by a zero weight, and 0 * NaN would leak.
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.lengths = [0] * slots
+        self.free = list(range(slots - 1, -1, -1))
+
+    @property
+    def capacity(self) -> int:
+        return int(self.k.shape[3])
+
+    @property
+    def num_slots(self) -> int:
+        return int(self.k.shape[1])
+
+    @property
+    def bytes_per_token(self) -> int:
+        layers, _, heads, _, dim = self.k.shape
+        return 2 * layers * heads * dim * self.k.element_size()
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes reserved by the pool (all slots, full capacity)."""
+        return self.k.nbytes + self.v.nbytes
+
+    def allocate(self) -> int:
+        if not self.free:
+            self._grow(slots=2 * self.num_slots)
+        slot = self.free.pop()
+        self.lengths[slot] = 0
+        return slot
+
+    def release(self, slot: int) -> None:
+        self.lengths[slot] = 0
+        self.free.append(slot)
+
+    def length(self, slot: int) -> int:
+        return self.lengths[slot]
+
+    def truncate(self, slot: int, length: int) -> None:
+        if not 0 <= length <= self.lengths[slot]:
+            raise ValueError(f"cannot truncate slot {slot} of length {self.lengths[slot]} to {length}")
+        self.lengths[slot] = length
+
+    def reserve(self, tokens: int) -> None:
+        """Make every slot hold at least ``tokens`` positions (prefix + scratch)."""
+        if tokens > self.capacity:
+            grown = max(tokens, self.capacity * 3 // 2)
+            self._grow(capacity=-(-grown // self.growth_multiple) * self.growth_multiple)
+
+    def _grow(self, *, slots: int | None = None, capacity: int | None = None) -> None:
+        layers, old_slots, heads, old_capacity, dim = self.k.shape
+        slots, capacity = slots or old_slots, capacity or old_capacity
+        for name in ("k", "v"):
+            old = getattr(self, name)
+            new = old.new_zeros((layers, slots, heads, capacity, dim))
+            new[:, :old_slots, :, :old_capacity] = old
+            setattr(self, name, new)
+        self.free = list(range(slots - 1, old_slots - 1, -1)) + self.free
+        self.lengths += [0] * (slots - old_slots)
+
+    def write(self, layer: int, slot_index: torch.Tensor, positions: torch.Tensor, k: torch.Tensor,
+              v: torch.Tensor) -> None:
+        """Store k, v [B, kv_heads, L, head_dim] of row b at ``positions[b]`` of slot ``slot_index[b]``."""
+        rows = slot_index[:, None]
+        self.k[layer][rows, :, positions] = k.transpose(1, 2)
+        self.v[layer][rows, :, positions] = v.transpose(1, 2)
+
+    def read(self, layer: int, slots: Sequence[int], slot_index: torch.Tensor,
+             tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """K, V [B, kv_heads, tokens, head_dim] of the given slots; a view when the slots are consecutive."""
+        first = slots[0]
+        if list(slots) == list(range(first, first + len(slots))):
+            end = first + len(slots)
+            return self.k[layer, first:end, :, :tokens], self.v[layer, first:end, :, :tokens]
+        return self.k[layer][slot_index, :, :tokens], self.v[layer][slot_index, :, :tokens]
+
+
+class CompactLM:
+    """Embedding-in, post-norm-hidden-out forward of a transformers ``Qwen2Model``'s weights."""
+
+    def __init__(self, language_model: Qwen2Model):
+        config = language_model.config
+        rope = getattr(config, "rope_parameters", None) or {"rope_type": "default",
+                                                             "rope_theta": getattr(config, "rope_theta", 1e4)}
+        if rope.get("rope_type", "default") != "default":
+            raise ValueError(f"only default RoPE is supported, not {rope['rope_type']!r}")
+        self.model = language_model
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.hidden_size = config.hidden_size
+        self.scaling = self.head_dim**-0.5
+        self.max_positions = int(config.max_position_embeddings)
+        weight = language_model.embed_tokens.weight
+        self.device, self.dtype = weight.device, weight.dtype
+        # Kept in fp32 whatever the model dtype, as transformers does.
+        exponents = torch.arange(0, self.head_dim, 2, dtype=torch.float32, device=self.device) / self.head_dim
+        self.inv_freq = 1.0 / (float(rope["rope_theta"]) ** exponents)
+
+    # ---- inputs -------------------------------------------------------------------------------------------
+    def embed(self, ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
+        """Embedding rows [len(ids), H] of token ids."""
+        ids = torch.as_tensor(ids, dtype=torch.long, device=self.device)
+        return self.model.embed_tokens(ids)
+
+    def new_pool(self, **kwargs) -> KVPool:
+        return KVPool(len(self.model.layers), self.num_kv_heads, self.head_dim, dtype=self.dtype,
+                      device=self.device, **kwargs)
+
+    # ---- forwards -----------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def forward(self, sequences: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Uncached causal forward of each sequence [L_i, H] from position 0 -> hidden [B, max L, H].
+
+        Rows are right-padded; causal attention alone keeps every real token off the padding after it, so no mask
+        is needed (this is the flash-attention path on a GPU). Hidden states at padded positions are garbage.
+        """
+        embeds, _ = self._pad(sequences)
+        batch, length, _ = embeds.shape
+        positions = torch.arange(length, device=self.device).expand(batch, length)
+
+        def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            k, v = (x.repeat_interleave(self.num_heads // self.num_kv_heads, dim=1) for x in (k, v))
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scaling)
+
+        with self._backends(causal=True):
+            return self._run_layers(embeds, positions, attend)
+
+    @torch.inference_mode()
+    def forward_cached(self, pool: KVPool, slots: Sequence[int], suffixes: Sequence[torch.Tensor],
+                       keep: Sequence[int]) -> torch.Tensor:
+        """Run each slot's suffix [L_b, H] after its cached prefix -> hidden [B, max L, H] of the suffixes.
+
+        Then commit the K/V of the first ``keep[b]`` suffix tokens of row b to its slot; the rest is forgotten.
+        """
+        if len(set(slots)) != len(slots):
+            raise ValueError("a slot may appear once per batch")
+        embeds, lengths = self._pad(suffixes)
+        batch, length, _ = embeds.shape
+        prefix_lengths = [pool.length(s) for s in slots]
+        if any(k > n for k, n in zip(keep, lengths)):
+            raise ValueError("cannot keep more tokens than a suffix has")
+        total = max(prefix_lengths) + length
+        if total > self.max_positions:
+            raise ValueError(f"a decision sequence of {total} positions exceeds {self.max_positions}")
+        pool.reserve(total)
+        prefix = torch.tensor(prefix_lengths, device=self.device)
+        positions = prefix[:, None] + torch.arange(length, device=self.device)[None, :]
+        slot_index = torch.tensor(list(slots), device=self.device)
+        # Key j is visible to the query at position p iff j <= p: the row's prefix plus its suffix so far.
+        visible = torch.arange(total, device=self.device)[None, None, :] <= positions[:, :, None]
+        groups = self.num_heads // self.num_kv_heads
+        mask = self._additive_mask(visible, groups)
+
+        def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            pool.write(layer, slot_index, positions, k, v)
+            keys, values = pool.read(layer, slots, slot_index, total)
+            folded = q.reshape(batch, self.num_kv_heads, groups * length, self.head_dim)
+            out = F.scaled_dot_product_attention(folded, keys, values, attn_mask=mask, scale=self.scaling)
+            return out.reshape(batch, self.num_heads, length, self.head_dim)
+
+        with self._backends(causal=False):
+            hidden = self._run_layers(embeds, positions, attend)
+        for slot, kept in zip(slots, keep):
+            pool.lengths[slot] += int(kept)
+        return hidden
+
+    # ---- internals ----------------------------------------------------------------------------------------
+    def _backends(self, *, causal: bool):
+        """On a GPU: flash for causal passes; memory-efficient for masked ones (cuDNN re-plans every new shape,
+        which cost more host time than the whole decision step's GPU time)."""
+        if self.device.type != "cuda":
+            return nullcontext()
+        if causal:
+            return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+        return sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+
+    def _additive_mask(self, visible: torch.Tensor, groups: int) -> torch.Tensor:
+        """visible [B, L, P] -> an additive mask [B, 1, groups*L, P] in the model dtype, built once per forward.
+
+        GQA without repeating K/V: the query heads of one KV head are folded into the query length (row r*L + i is
+        query i of the r-th head of the group). Rows are allocated 16-aligned, as the memory-efficient kernel
+        wants them, so it need not copy the mask in every layer.
+        """
+        batch, length, total = visible.shape
+        width = -(-total // 16) * 16
+        mask = torch.full((batch, 1, groups * length, width), float("-inf"), dtype=self.dtype, device=self.device)
+        mask = mask[..., :total]
+        return mask.masked_fill_(visible.repeat(1, groups, 1)[:, None], 0.0)
+
+    def _pad(self, sequences: Sequence[torch.Tensor]) -> tuple[torch.Tensor, list[int]]:
+        lengths = [int(s.shape[0]) for s in sequences]
+        if not lengths or min(lengths) == 0:
+            raise ValueError("every sequence needs at least one token")
+        embeds = torch.zeros(len(sequences), max(lengths), self.hidden_size, dtype=self.dtype, device=self.device)
+        for row, sequence in enumerate(sequences):
+            embeds[row, : lengths[row]] = sequence.to(device=self.device, dtype=self.dtype)
+        return embeds, lengths
+
+    def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [B, 1, L, head_dim] for explicit positions [B, L] (fp32 math, model dtype out)."""
+        freqs = positions.to(torch.float32)[..., None] * self.inv_freq
+        angles = torch.cat((freqs, freqs), dim=-1)[:, None]
+        return angles.cos().to(self.dtype), angles.sin().to(self.dtype)
+
+    def _run_layers(self, embeds: torch.Tensor, positions: torch.Tensor, attend: AttendFn) -> torch.Tensor:
+        batch, length, _ = embeds.shape
+        cos, sin = self._rope(positions)
+        hidden = embeds
+        for index, layer in enumerate(self.model.layers):
+            attn = layer.self_attn
+            normed = layer.input_layernorm(hidden)
+            q = attn.q_proj(normed).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
+            k = attn.k_proj(normed).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+            v = attn.v_proj(normed).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+            q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+            out = attend(index, q, k, v).transpose(1, 2).reshape(batch, length, self.num_heads * self.head_dim)
+            hidden = hidden + attn.o_proj(out)
+            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+        return self.model.norm(hidden)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE in the half-split layout Qwen2 uses."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin

@@ -1,0 +1,151 @@
+"""Perception: clips -> (raw, M, T), batched over the clips of many streams (DISPIDER.md section 2).
+
+Per clip:
+  1. CLIP tower on its 16 frames; hidden state at ``select_layer`` (LLaVA's ``hidden_states`` index, 0 being the
+     embeddings), CLS dropped -> [16, 256, C].
+  2. 2x2 neighbour merge per frame -> 8x8 tokens of 4C channels (TL, TR, BL, BR), frame-major -> raw [1024, 4C].
+  3. Pool projector: per frame a 2x2 grid of means over 4x4 merged tokens (64 tokens), one global mean over all
+     1024 (1 token); the MLP over all 1089 tokens.
+  4. First pass of the compact LLM over ``This contains a clip sampled in {s} to {e} seconds<image>`` with the 1089
+     projected tokens at ``<image>``: plain causal, positions from 0. M = the 64 pooled positions, T = the global one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from ..decision.compact_lm import CompactLM
+from ..types import Clip, ClipFeatures
+from .modules import PerceptionDecisionModules
+
+IMAGE_PLACEHOLDER = "<image>"
+TIME_PROMPT = "This contains a clip sampled in {start} to {end} seconds" + IMAGE_PLACEHOLDER
+
+
+def time_prompt(clip: Clip) -> str:
+    """The clip's time prompt; start and end are rounded to whole seconds."""
+    return TIME_PROMPT.format(start=int(round(clip.start)), end=int(round(clip.end)))
+
+
+def merge_neighbours(patches: torch.Tensor, factor: int = 2) -> torch.Tensor:
+    """[F, g*g, C] patch tokens -> [F, (g/f)^2, f*f*C], each merged token's channels ordered TL, TR, BL, BR."""
+    frames, count, channels = patches.shape
+    side = int(round(count**0.5))
+    merged_side = side // factor
+    # Row = merged_row * factor + sub_row, column likewise; the sub-position becomes the channel block.
+    grid = patches.reshape(frames, merged_side, factor, merged_side, factor, channels)
+    return grid.permute(0, 1, 3, 2, 4, 5).reshape(frames, merged_side * merged_side, factor * factor * channels)
+
+
+def pool_tokens(merged: torch.Tensor, pool_num: int) -> torch.Tensor:
+    """[N, frames, m*m, D] merged tokens -> [N, frames*pool_num + 1, D]: per-frame cell means, then a global mean.
+
+    Cells are a sqrt(pool_num)^2 grid per frame, row-major, frame-major. Means are taken in fp32.
+    """
+    clips, frames, count, dim = merged.shape
+    side, cells = int(round(count**0.5)), int(round(pool_num**0.5))
+    block = side // cells
+    grid = merged.float().reshape(clips, frames, cells, block, cells, block, dim)
+    pooled = grid.mean(dim=(3, 5)).reshape(clips, frames * cells * cells, dim)
+    global_mean = merged.float().reshape(clips, frames * count, dim).mean(dim=1, keepdim=True)
+    return torch.cat([pooled, global_mean], dim=1).to(merged.dtype)
+
+
+class PerceptionEncoder:
+    """CLIP tower + pool projector + compact-LLM first pass, for many clips (of many streams) at once.
+
+    ``raw`` is returned on ``raw_device`` (host memory by default: 8 MB a clip at real shapes in 16-bit), M and T on
+    the model's device. Every returned tensor owns its storage, so keeping one clip keeps no batch alive.
+    """
+
+    def __init__(self, modules: PerceptionDecisionModules, *, max_frames_per_batch: int = 256,
+                 max_clips_per_pass: int = 32, raw_device: str | torch.device = "cpu", lm: CompactLM | None = None):
+        self.modules = modules
+        self.lm = lm or CompactLM(modules.language_model)
+        self.max_frames_per_batch = max_frames_per_batch
+        self.max_clips_per_pass = max_clips_per_pass
+        self.raw_device = torch.device(raw_device)
+        self._staging: torch.Tensor | None = None
+        tower = modules.vision_tower
+        self._tower = getattr(tower, "vision_model", tower)  # transformers 4 wraps the layers one level down
+        num_layers = len(self._tower.encoder.layers)
+        # hidden_states has num_layers + 1 entries (0 = embeddings): run only the layers the select layer needs.
+        self._layers_to_run = modules.select_layer % (num_layers + 1)
+
+    @torch.inference_mode()
+    def encode(self, clips: Sequence[Clip]) -> list[ClipFeatures]:
+        features: list[ClipFeatures] = []
+        for first in range(0, len(clips), self.max_clips_per_pass):
+            features += self._encode_chunk(clips[first : first + self.max_clips_per_pass])
+        return features
+
+    def _encode_chunk(self, clips: Sequence[Clip]) -> list[ClipFeatures]:
+        raw = self.raw_tokens(torch.stack([clip.pixels for clip in clips]))
+        projected = self.project(raw)
+        memory, indicator = self.first_pass([time_prompt(clip) for clip in clips], projected)
+        raw = self._raw_to_keep(raw)
+        return [
+            ClipFeatures(index=clip.index, start=clip.start, end=clip.end, raw=raw[i].clone(),
+                         memory=memory[i].clone(), indicator=indicator[i].clone())
+            for i, clip in enumerate(clips)
+        ]
+
+    def _raw_to_keep(self, raw: torch.Tensor) -> torch.Tensor:
+        """The batch's raw on ``raw_device``; GPU -> host goes through one reused pinned buffer (much faster
+        than a pageable copy per clip). Each clip then clones its own slice."""
+        if not (raw.device.type == "cuda" and self.raw_device.type == "cpu"):
+            return raw.to(self.raw_device)
+        staging = self._staging
+        if (staging is None or staging.shape[0] < len(raw) or staging.shape[1:] != raw.shape[1:]
+                or staging.dtype != raw.dtype):
+            rows = max(len(raw), self.max_clips_per_pass)
+            staging = self._staging = torch.empty((rows, *raw.shape[1:]), dtype=raw.dtype, pin_memory=True)
+        staging = staging[: len(raw)]
+        staging.copy_(raw)
+        return staging
+
+    def raw_tokens(self, pixels: torch.Tensor) -> torch.Tensor:
+        """pixels [N, 16, 3, H, W] -> raw [N, 16*64, 4C]: merged CLIP patches, frame-major."""
+        clips, frames = pixels.shape[:2]
+        flat = pixels.reshape(clips * frames, *pixels.shape[2:])
+        patches = torch.cat([self.patch_features(flat[i : i + self.max_frames_per_batch])
+                             for i in range(0, flat.shape[0], self.max_frames_per_batch)])
+        merged = merge_neighbours(patches, self.modules.merge_factor)
+        return merged.reshape(clips, frames * merged.shape[1], merged.shape[2])
+
+    def patch_features(self, frames: torch.Tensor) -> torch.Tensor:
+        """[F, 3, H, W] -> [F, patches, C]: CLIP hidden state at the select layer, CLS dropped."""
+        tower = self._tower
+        hidden = tower.pre_layrnorm(tower.embeddings(frames.to(self.modules.device, self.modules.dtype)))
+        for layer in tower.encoder.layers[: self._layers_to_run]:
+            hidden = layer(hidden, None)
+        return hidden[:, 1:]
+
+    def project(self, raw: torch.Tensor) -> torch.Tensor:
+        """raw [N, 1024, 4C] -> the 1089 projected tokens [N, 1089, H]: raw, 64 pooled, 1 global."""
+        frames = raw.shape[1] // self.modules.resolution
+        merged = raw.reshape(raw.shape[0], frames, self.modules.resolution, raw.shape[2])
+        tokens = torch.cat([raw, pool_tokens(merged, self.modules.pool_num)], dim=1)
+        return self.modules.mm_projector(tokens)
+
+    def first_pass(self, prompts: Sequence[str], projected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One padded batch of time-prompt sequences -> M [N, 64, H] and T [N, H]."""
+        frames = (projected.shape[1] - 1) // (self.modules.resolution + self.modules.pool_num)
+        raw_count, pooled = frames * self.modules.resolution, frames * self.modules.pool_num
+        sequences, image_starts = [], []
+        for prompt, tokens in zip(prompts, projected):
+            before, after = self._split_prompt(prompt)
+            sequences.append(torch.cat([self.lm.embed(before), tokens, self.lm.embed(after)]))
+            image_starts.append(len(before))
+        hidden = self.lm.forward(sequences)
+        memory = torch.stack([hidden[i, s + raw_count : s + raw_count + pooled] for i, s in enumerate(image_starts)])
+        indicator = torch.stack([hidden[i, s + raw_count + pooled] for i, s in enumerate(image_starts)])
+        return memory, indicator
+
+    def _split_prompt(self, prompt: str) -> tuple[list[int], list[int]]:
+        parts = prompt.split(IMAGE_PLACEHOLDER)
+        if len(parts) != 2:
+            raise ValueError(f"a time prompt needs exactly one {IMAGE_PLACEHOLDER}: {prompt!r}")
+        return self.modules.token_ids(parts[0]), self.modules.token_ids(parts[1]) if parts[1] else []

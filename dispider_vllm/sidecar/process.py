@@ -1,0 +1,101 @@
+"""The sidecar's process: load the perception/decision part, then loop over commands and batched steps."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+from dispider_vllm.sidecar.client import SidecarConfig
+from dispider_vllm.sidecar.protocol import Shutdown, SidecarReady, SidecarStats
+
+log = logging.getLogger("dispider.sidecar")
+STATS_INTERVAL_S = 1.0
+IDLE_WAIT_S = 0.02
+MAX_COMMANDS_PER_TURN = 4096
+
+
+def run_sidecar(config: SidecarConfig, commands, events) -> None:
+    """Process entry point. Startup failures are sent back as a string so the server can say why."""
+    try:
+        engine = _build_engine(config)
+    except Exception as error:  # noqa: BLE001 - report any startup failure to the parent, then exit
+        events.put(f"{type(error).__name__}: {error}\n{traceback.format_exc(limit=3)}")
+        return
+    events.put(SidecarReady(device=config.device, model=config.part_dir))
+    _serve(engine, commands, events)
+
+
+def _build_engine(config: SidecarConfig):
+    from dispider_vllm.decision.engine import DecisionConfig
+    from dispider_vllm.perception.frames import load_preprocessor_config
+    from dispider_vllm.perception.modules import PerceptionDecisionModules
+    from dispider_vllm.sidecar.engine import SidecarEngine, make_respond_policy
+
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    dtype = getattr(torch, config.dtype)
+    modules = PerceptionDecisionModules.load(config.part_dir, device=config.device, dtype=dtype)
+    return SidecarEngine(
+        modules,
+        preprocessor=load_preprocessor_config(Path(config.part_dir) / "vision_tower"),
+        max_batch_clips=config.max_batch_clips,
+        decision_config=DecisionConfig(max_kept_clips=config.max_kept_clips, max_context_clips=config.max_context_clips),
+        respond_policy=make_respond_policy(config.respond_every, config.respond_probability),
+    )
+
+
+def _serve(engine, commands, events) -> None:
+    last_stats = 0.0
+    while True:
+        for command in _drain(commands, block=not engine.has_work()):
+            if isinstance(command, Shutdown):
+                return
+            for event in _safely(engine.handle, command):
+                events.put(event)
+        if engine.has_work():
+            with torch.inference_mode():
+                for event in engine.step():
+                    events.put(event)
+        if time.monotonic() - last_stats >= STATS_INTERVAL_S:
+            last_stats = time.monotonic()
+            events.put(_stats(engine))
+
+
+def _drain(commands, *, block: bool) -> list:
+    """Everything queued now; when idle, wait briefly for the first command instead of spinning."""
+    drained = []
+    try:
+        drained.append(commands.get(timeout=IDLE_WAIT_S) if block else commands.get_nowait())
+        while len(drained) < MAX_COMMANDS_PER_TURN:
+            drained.append(commands.get_nowait())
+    except queue.Empty:
+        pass
+    return drained
+
+
+def _safely(handle, command) -> list:
+    """A command that breaks on its stream's data must not take the other streams down."""
+    from dispider_vllm.sidecar.protocol import StreamError
+
+    try:
+        return handle(command)
+    except Exception as error:  # noqa: BLE001
+        log.exception("sidecar command %s failed", type(command).__name__)
+        stream_id = getattr(command, "stream_id", "")
+        return [StreamError(stream_id, "internal_error", f"{type(error).__name__}: {error}")]
+
+
+def _stats(engine) -> SidecarStats:
+    return SidecarStats(
+        streams=len(engine.streams),
+        pending_frames=0,
+        pending_clips=engine.pending_clips(),
+        frames_total=engine.frames_total,
+        clips_total=engine.clips_total,
+        batches_total=engine.batches_total,
+    )

@@ -1,0 +1,211 @@
+"""The sidecar engine: frames of many streams in, batched perception and decision, events out.
+
+In-process tests drive ``SidecarEngine`` with real decoded frames; the last test runs the real sidecar process
+through ``SidecarClient``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dispider_vllm.checkpoint.random import ensure_default_checkpoint
+from dispider_vllm.decision.engine import DecisionConfig
+from dispider_vllm.perception.frames import decode_video, load_preprocessor_config
+from dispider_vllm.perception.modules import PerceptionDecisionModules
+from dispider_vllm.sidecar.client import SidecarClient, SidecarConfig
+from dispider_vllm.sidecar.engine import SidecarEngine, make_respond_policy
+from dispider_vllm.sidecar.protocol import (
+    AskQuestion,
+    ClipPerceived,
+    CloseStream,
+    Decision,
+    OpenStream,
+    PushFrames,
+    StreamEnded,
+    StreamError,
+    Triggered,
+)
+from dispider_vllm.types import Frame
+from dispider_vllm.video.synth import make_test_video
+
+
+@pytest.fixture(scope="module")
+def part_dir() -> Path:
+    return Path(ensure_default_checkpoint().split.perception_decision_dir)
+
+
+@pytest.fixture(scope="module")
+def modules(part_dir) -> PerceptionDecisionModules:
+    return PerceptionDecisionModules.load(part_dir)
+
+
+@pytest.fixture(scope="module")
+def frames(tmp_path_factory) -> list[Frame]:
+    """40 s of a generated 2-fps video, decoded for real: 2 whole clips and a partial one at 1 fps."""
+    path = make_test_video(tmp_path_factory.mktemp("video") / "clip.mp4", seconds=40, fps=2, scenes=2)
+    return list(decode_video(path))
+
+
+def new_engine(modules, part_dir, *, respond_every: int = 2, **kwargs) -> SidecarEngine:
+    return SidecarEngine(
+        modules,
+        preprocessor=load_preprocessor_config(part_dir / "vision_tower"),
+        decision_config=DecisionConfig(),
+        respond_policy=make_respond_policy(respond_every, None),  # 2: trigger at clips 1, 3, ...
+        **kwargs,
+    )
+
+
+def run_until_idle(engine: SidecarEngine, events: list) -> list:
+    while engine.has_work():
+        events.extend(engine.step())
+    return events
+
+
+def outcomes(events: list, stream_id: str) -> list[tuple]:
+    """What a stream was told: (clip, logit, triggered, retrieved) per decision, in order."""
+    rows = []
+    for event in events:
+        if isinstance(event, Decision) and event.event.stream_id == stream_id:
+            rows.append((event.event.clip_index, round(event.event.logit, 4), False, ()))
+        if isinstance(event, Triggered) and event.trigger.event.stream_id == stream_id:
+            trigger = event.trigger
+            rows.append((trigger.event.clip_index, round(trigger.event.logit, 4), True, trigger.retrieved))
+    return rows
+
+
+def feed(engine, stream_id: str, frames: list[Frame], *, chunk: int = 7) -> list:
+    events = []
+    for start in range(0, len(frames), chunk):
+        last = start + chunk >= len(frames)
+        events += engine.handle(PushFrames(stream_id, tuple(frames[start : start + chunk]), end_of_stream=last))
+    return events
+
+
+def test_one_stream_clips_decisions_triggers_and_end(modules, part_dir, frames):
+    engine = new_engine(modules, part_dir)
+    events = engine.handle(OpenStream("a", "What changes in the scene?"))
+    events += feed(engine, "a", frames)
+    run_until_idle(engine, events)
+    perceived = [e for e in events if isinstance(e, ClipPerceived)]
+    assert [(e.clip_index, e.start, e.end) for e in perceived] == [(0, 0, 16), (1, 16, 32), (2, 32, 40)]
+    rows = outcomes(events, "a")
+    assert [row[0] for row in rows] == [0, 1, 2]
+    assert [row[2] for row in rows] == [False, True, False]
+    trigger = next(e for e in events if isinstance(e, Triggered)).trigger
+    assert trigger.bundle.raw.shape == (2, 1024, modules.raw_dim)
+    assert trigger.bundle.global_memory.shape == (2, modules.hidden_size)
+    assert trigger.question == "What changes in the scene?"
+    assert isinstance(events[-1], StreamEnded) and events[-1].reason == "end_of_stream" and events[-1].clips == 3
+    assert all(e.latency_s >= 0 for e in events if isinstance(e, (Decision, Triggered)))
+
+
+def test_streams_batched_together_match_each_stream_alone(modules, part_dir, frames):
+    questions = {"a": "What changes in the scene?", "b": "Is there a red square?", "c": "Describe the motion."}
+    shifted = {
+        "a": frames,
+        "b": frames[6:],  # starts later in the video: other pixels, other clips
+        "c": [Frame(f.timestamp, np.ascontiguousarray(f.pixels[:, ::-1])) for f in frames],  # mirrored
+    }
+    alone = {}
+    for stream_id, question in questions.items():
+        engine = new_engine(modules, part_dir)
+        events = engine.handle(OpenStream(stream_id, question))
+        events += feed(engine, stream_id, shifted[stream_id])
+        alone[stream_id] = outcomes(run_until_idle(engine, events), stream_id)
+
+    engine = new_engine(modules, part_dir, max_batch_clips=4)
+    events = []
+    for stream_id, question in questions.items():
+        events += engine.handle(OpenStream(stream_id, question))
+    for start in range(0, len(frames), 5):  # interleave the streams' pushes
+        for stream_id in questions:
+            chunk = shifted[stream_id][start : start + 5]
+            last = start + 5 >= len(shifted[stream_id])
+            if chunk or last:
+                events += engine.handle(PushFrames(stream_id, tuple(chunk), end_of_stream=last))
+        events.extend(engine.step())
+    run_until_idle(engine, events)
+    assert engine.batches_total >= 2
+    for stream_id in questions:
+        assert outcomes(events, stream_id) == alone[stream_id], stream_id
+
+
+def test_bad_frames_get_errors_and_do_not_disturb_other_streams(modules, part_dir, frames):
+    reference = new_engine(modules, part_dir)
+    expected = outcomes(run_until_idle(reference, reference.handle(OpenStream("good", "q?")) + feed(reference, "good", frames)), "good")
+
+    engine = new_engine(modules, part_dir)
+    events = engine.handle(OpenStream("good", "q?")) + engine.handle(OpenStream("bad", "q?"))
+    bad_frames = [
+        Frame(1.0, np.zeros((100, 100), dtype=np.uint8)),  # wrong shape
+        Frame(2.0, np.zeros((100, 100, 3), dtype=np.float32)),  # wrong dtype
+        Frame(3.0, np.zeros((100, 100, 3), dtype=np.uint8)),
+        Frame(2.5, np.zeros((100, 100, 3), dtype=np.uint8)),  # timestamp goes back
+    ]
+    for frame in bad_frames:
+        events += engine.handle(PushFrames("bad", (frame,)))
+    events += engine.handle(PushFrames("nobody", frames[:2]))
+    events += feed(engine, "good", frames)
+    run_until_idle(engine, events)
+    errors = [e for e in events if isinstance(e, StreamError)]
+    assert [e.code for e in errors if e.stream_id == "bad"] == ["invalid_frame"] * 3
+    assert any("back" in e.message for e in errors if e.stream_id == "bad")
+    assert [e.code for e in errors if e.stream_id == "nobody"] == ["unknown_stream"]
+    assert outcomes(events, "good") == expected
+    # The bad stream is still usable after its errors.
+    more = engine.handle(PushFrames("bad", tuple(Frame(3.0 + f.timestamp, f.pixels) for f in frames), end_of_stream=True))
+    run_until_idle(engine, more)
+    assert [row[0] for row in outcomes(more, "bad")] == [0, 1, 2]
+
+
+def _sid(event) -> str:
+    return event.event.stream_id if isinstance(event, Decision) else event.trigger.event.stream_id
+
+
+def test_new_question_and_close(modules, part_dir, frames):
+    engine = new_engine(modules, part_dir, respond_every=1)
+    events = engine.handle(OpenStream("a", "first question?"))
+    events += engine.handle(PushFrames("a", tuple(frames[:34])))
+    run_until_idle(engine, events)
+    events += engine.handle(AskQuestion("a", "second question?"))
+    events += engine.handle(PushFrames("a", tuple(frames[34:66])))
+    run_until_idle(engine, events)
+    triggers = [e.trigger for e in events if isinstance(e, Triggered)]
+    assert [t.question for t in triggers] == ["first question?", "second question?"]
+    assert triggers[1].event.question_id == triggers[0].event.question_id + 1
+    closed = engine.handle(CloseStream("a"))
+    assert isinstance(closed[0], StreamEnded) and closed[0].reason == "closed"
+    assert engine.handle(PushFrames("a", tuple(frames[:1])))[0].code == "unknown_stream"
+
+
+def test_real_sidecar_process(part_dir, frames):
+    async def scenario():
+        client = SidecarClient(SidecarConfig(part_dir=str(part_dir), respond_every=2, threads=1))
+        ready = await client.start(timeout=300)
+        assert ready.device == "cpu"
+        queues = {sid: client.subscribe(sid) for sid in ("x", "y")}
+        for sid in queues:
+            client.send(OpenStream(sid, f"question for {sid}"))
+        client.send(PushFrames("x", tuple(frames), end_of_stream=True))
+        client.send(PushFrames("y", tuple(frames[:40]), end_of_stream=True))
+        seen = {}
+        for sid, queue in queues.items():
+            events = []
+            while not events or not isinstance(events[-1], StreamEnded):
+                events.append(await asyncio.wait_for(queue.get(), timeout=300))
+            seen[sid] = events
+        await client.stop()
+        return seen
+
+    seen = asyncio.run(scenario())
+    assert seen["x"][-1].clips == 3 and seen["y"][-1].clips == 2
+    for sid, events in seen.items():
+        decided = [e for e in events if isinstance(e, (Decision, Triggered))]
+        assert all(_sid(e) == sid for e in decided)  # each stream sees only its own events
+        assert any(isinstance(e, Triggered) for e in decided)
