@@ -1,0 +1,200 @@
+"""The reaction engine: vLLM's async engine serving the reaction model, one streamed answer per trigger.
+
+    engine = ReactionEngine(ReactionEngineConfig(model_dir=reaction_dir))
+    await engine.start()
+    async for delta in engine.respond(trigger, max_tokens=128, temperature=0.0, stop=None, previous_answers=()):
+        ...
+    engine.shutdown()
+
+An answer is streamed as :class:`ReactionDelta` s (DISPIDER.md section 4): generation stops at ``<|im_end|>``,
+special tokens are skipped in the text, and a model that says ``<keep_silent>`` first, or says nothing, is
+silent: ``respond`` then yields one finished delta with ``finish_reason == "silent"`` and no text.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from dispider_vllm.reaction.prompt import build_reaction_prompt
+from dispider_vllm.types import Trigger
+
+log = logging.getLogger(__name__)
+
+SILENT = "silent"  # finish_reason of an answer the model declined to give
+
+
+@dataclass(frozen=True)
+class ReactionDelta:
+    """A piece of one streamed answer.
+
+    ``text`` is the new text (leading whitespace of the answer removed); ``num_tokens`` counts the answer's
+    generated tokens so far; the last delta has ``finished`` set and a ``finish_reason``: "stop", "length",
+    "abort" or "silent".
+    """
+
+    text: str
+    num_tokens: int
+    finished: bool = False
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class ReactionTokenIds:
+    """The token ids the engine needs, from the reaction part's ``config.json``."""
+
+    image: int
+    keep_silent: int | None
+    im_end: int | None
+
+    @classmethod
+    def from_model_dir(cls, model_dir: str | os.PathLike) -> ReactionTokenIds:
+        config = json.loads((Path(model_dir) / "config.json").read_text())
+        return cls(
+            image=int(config["image_token_id"]),
+            keep_silent=_optional_int(config.get("keep_silent_token_id")),
+            im_end=_optional_int(config.get("im_end_token_id")),
+        )
+
+
+def _optional_int(value) -> int | None:
+    return None if value is None else int(value)
+
+
+@dataclass
+class ReactionEngineConfig:
+    model_dir: str  # the checkpoint's reaction part (see dispider_vllm.checkpoint.split)
+    dtype: str = "auto"  # "float32" on the CPU
+    max_model_len: int | None = 16384  # 4 clips (4352) + global memory + prompt + earlier answers, with room
+    max_num_seqs: int | None = None
+    gpu_memory_utilization: float = 0.85
+    tensor_parallel_size: int = 1
+    enforce_eager: bool = False
+    cpu_kv_cache_gib: int = 1  # VLLM_CPU_KVCACHE_SPACE, when running on the CPU
+    scheduling_policy: str = "fcfs"  # or "priority": then ``respond(priority=...)`` orders requests
+    seed: int = 0
+
+
+class ReactionEngine:
+    """Owns one ``AsyncLLM`` for the reaction model; ``respond`` streams one answer per trigger."""
+
+    def __init__(self, config: ReactionEngineConfig) -> None:
+        self.config = config
+        self.token_ids = ReactionTokenIds.from_model_dir(config.model_dir)
+        self._llm = None
+
+    # -- lifecycle ----------------------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Build the engine (it spawns its own engine-core process) and wait until it takes requests."""
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        _prepare_cpu_environment(self.config)
+        args = AsyncEngineArgs(
+            model=self.config.model_dir,
+            dtype=self.config.dtype,
+            max_model_len=self.config.max_model_len,
+            max_num_seqs=self.config.max_num_seqs,
+            gpu_memory_utilization=self.config.gpu_memory_utilization,
+            tensor_parallel_size=self.config.tensor_parallel_size,
+            enforce_eager=self.config.enforce_eager,
+            scheduling_policy=self.config.scheduling_policy,
+            seed=self.config.seed,
+            # Answers of one stream share their system prompt and, with the same retrieved clips, their bundle.
+            enable_prefix_caching=True,
+            enable_chunked_prefill=True,
+            limit_mm_per_prompt={"image": 1},
+            disable_log_stats=True,
+        )
+        # Blocks until the engine core is up (minutes on the CPU); called in a running loop, it also starts
+        # the output handler, so a dead engine core shows in ``is_alive`` before any request.
+        self._llm = AsyncLLM.from_engine_args(args)
+
+    def shutdown(self) -> None:
+        if self._llm is not None:
+            self._llm.shutdown()
+            self._llm = None
+
+    def is_alive(self) -> bool:
+        return self._llm is not None and not self._llm.errored
+
+    # -- answers ------------------------------------------------------------------------------------------
+    def sampling_params(self, *, max_tokens: int, temperature: float, stop: Sequence[str] | None):
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        return SamplingParams(
+            max_tokens=max_tokens,
+            temperature=temperature,
+            stop=list(stop) if stop else None,
+            stop_token_ids=[self.token_ids.im_end] if self.token_ids.im_end is not None else None,
+            skip_special_tokens=True,
+            output_kind=RequestOutputKind.DELTA,
+        )
+
+    async def respond(
+        self,
+        trigger: Trigger,
+        *,
+        max_tokens: int,
+        temperature: float,
+        stop: Sequence[str] | None,
+        previous_answers: Sequence[str],
+        priority: int = 0,
+    ) -> AsyncIterator[ReactionDelta]:
+        """Stream the answer to one trigger. Closing the iterator early (a client gone) aborts the request.
+
+        A bad clip bundle raises a ``ValueError`` (``BundleError``) before anything is yielded.
+        """
+        if self._llm is None:
+            raise RuntimeError("the reaction engine is not started")
+        request = {
+            "prompt": build_reaction_prompt(trigger.question, previous_answers),
+            "multi_modal_data": {"image": trigger.bundle.as_mm_data()},
+        }
+        params = self.sampling_params(max_tokens=max_tokens, temperature=temperature, stop=stop)
+        outputs = self._llm.generate(request, params, f"reaction-{uuid.uuid4().hex}", priority=priority)
+        # aclosing: leaving the loop early must close vLLM's generator now, which aborts the request.
+        async with contextlib.aclosing(outputs):
+            async for delta in answer_deltas(outputs, self.token_ids.keep_silent):
+                yield delta
+
+
+async def answer_deltas(outputs: AsyncIterator, keep_silent_id: int | None) -> AsyncIterator[ReactionDelta]:
+    """vLLM's delta outputs -> answer deltas, holding text back until the answer is known not to be silent."""
+    held = ""  # whitespace seen before the first visible character
+    started = False
+    num_tokens = prompt_tokens = 0
+    async for output in outputs:
+        if output.prompt_token_ids is not None:
+            prompt_tokens = len(output.prompt_token_ids)
+        completion = output.outputs[0]
+        if num_tokens == 0 and completion.token_ids and completion.token_ids[0] == keep_silent_id:
+            yield ReactionDelta("", len(completion.token_ids), True, SILENT, prompt_tokens)
+            return  # the rest is not wanted; the caller closing the generator aborts it
+        num_tokens += len(completion.token_ids)
+        text = completion.text
+        if not started:
+            held += text
+            text, started = held.lstrip(), bool(held.strip())
+        finished = completion.finish_reason is not None
+        if finished and not started:
+            yield ReactionDelta("", num_tokens, True, SILENT, prompt_tokens)
+            return
+        if text or finished:
+            yield ReactionDelta(text, num_tokens, finished, completion.finish_reason, prompt_tokens)
+
+
+def _prepare_cpu_environment(config: ReactionEngineConfig) -> None:
+    """On the CPU, keep the KV cache small unless the operator chose a size (read by vLLM's workers)."""
+    from vllm.platforms import current_platform
+
+    if current_platform.is_cpu():
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(config.cpu_kv_cache_gib))

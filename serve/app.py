@@ -1,0 +1,408 @@
+"""The Starlette app: OpenAI-compatible chat completions, live sessions, models, health, metrics, OpenAPI.
+
+``build_app(config, parts)`` returns the app; its lifespan starts the sidecar (perception + decision) and the
+reaction engine, and stops both at shutdown. Routes (bodies in :mod:`serve.openapi`):
+
+    POST   /v1/chat/completions            a video + a question -> every proactive answer (streamed or not)
+    POST   /v1/sessions                    open a live session                  -> 201 session
+    GET    /v1/sessions/{id}               its state
+    DELETE /v1/sessions/{id}               close it now
+    POST   /v1/sessions/{id}/frames        an image, JSON frames, or an encoded video chunk -> 202
+    POST   /v1/sessions/{id}/questions     ask a new question
+    POST   /v1/sessions/{id}/end           end of stream: the rest is decided and answered, then `end`
+    GET    /v1/sessions/{id}/events        Server-Sent Events: decision, chunk, response_end, error, end
+    WS     /v1/sessions/{id}/ws            frames/questions/end in, the same events out
+    GET    /v1/models, /health, /metrics, /openapi.json
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route, WebSocketRoute
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from dispider_vllm.reaction.engine import ReactionEngine, ReactionEngineConfig
+from dispider_vllm.sidecar.client import SidecarClient, SidecarConfig
+from dispider_vllm.types import Frame
+
+from serve import chat
+from serve.config import ModelParts, ServerConfig
+from serve.errors import (
+    APIError,
+    api_error_handler,
+    bad_request,
+    http_error_handler,
+    internal_error_handler,
+    unsupported_media,
+)
+from serve.media import (
+    IMAGE_TYPES,
+    MediaLimits,
+    decode_base64,
+    decode_frame_image,
+    frames_from_json,
+    is_video_type,
+    media_type,
+    parse_timestamp,
+    probe,
+    read_body,
+    read_json_object,
+    require_image_type,
+)
+from serve.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from serve.metrics import ServerMetrics
+from serve.openapi import openapi_schema
+from serve.sessions import Session, SessionLimits, SessionManager, SessionOptions
+
+log = logging.getLogger("dispider.serve")
+
+KEEPALIVE_S = 15.0
+
+
+# ---- the two back ends ------------------------------------------------------------------------------------------
+@dataclass
+class Backends:
+    sidecar: SidecarClient
+    engine: ReactionEngine
+
+
+def make_backends(config: ServerConfig, parts: ModelParts) -> Backends:
+    on_cpu = _runs_on_cpu()
+    sidecar_device = config.sidecar_device if config.sidecar_device != "auto" else ("cpu" if on_cpu else "cuda")
+    sidecar = SidecarClient(SidecarConfig(
+        part_dir=str(parts.perception_decision_dir),
+        device=sidecar_device,
+        dtype="float32" if sidecar_device == "cpu" else "bfloat16",
+        max_batch_clips=config.max_batch_clips,
+        respond_every=config.respond_every,
+        threads=config.sidecar_threads,
+    ))
+    engine = ReactionEngine(ReactionEngineConfig(
+        model_dir=str(parts.reaction_dir),
+        dtype=config.dtype if config.dtype != "auto" else ("float32" if on_cpu else "auto"),
+        max_model_len=config.max_model_len,
+        max_num_seqs=config.max_num_seqs,
+        gpu_memory_utilization=config.gpu_memory_utilization,
+        tensor_parallel_size=config.tensor_parallel_size,
+        enforce_eager=on_cpu if config.enforce_eager is None else config.enforce_eager,
+        cpu_kv_cache_gib=config.cpu_kv_cache_gib,
+    ))
+    return Backends(sidecar, engine)
+
+
+def _runs_on_cpu() -> bool:
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cpu()
+
+
+async def start_backends(backends: Backends) -> None:
+    """Start both at once: the sidecar loads in its own process while the engine builds (which blocks)."""
+    log.info("starting the sidecar (perception + decision) from %s", backends.sidecar.config.part_dir)
+    sidecar_ready = asyncio.create_task(backends.sidecar.start())
+    await asyncio.sleep(0)  # lets the sidecar process spawn before the engine build blocks the loop
+    log.info("starting the reaction engine (vLLM) from %s", backends.engine.config.model_dir)
+    started = time.monotonic()
+    try:
+        await backends.engine.start()
+        log.info("reaction engine up in %.0f s", time.monotonic() - started)
+        ready = await sidecar_ready
+    except BaseException:
+        await stop_backends(backends)  # neither process outlives a failed start
+        raise
+    log.info("sidecar up on %s (%s)", ready.device, ready.model)
+
+
+async def stop_backends(backends: Backends) -> None:
+    await backends.sidecar.stop()
+    backends.engine.shutdown()
+
+
+# ---- the app ---------------------------------------------------------------------------------------------------------
+def build_app(config: ServerConfig, backends: Backends) -> Starlette:
+    metrics = ServerMetrics()
+    metrics.watch(backends.sidecar.is_alive, backends.engine.is_alive, lambda: backends.sidecar.last_stats)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette):
+        await start_backends(backends)
+        app.state.sessions = SessionManager(
+            backends.sidecar, backends.engine, metrics, model=config.served_model_name,
+            limits=SessionLimits(config.max_sessions, config.session_idle_timeout_s, config.event_buffer),
+        )
+        reaper = asyncio.create_task(app.state.sessions.reap_forever())
+        log.info("ready: serving %r at %s (OpenAI base URL %s/v1)", config.served_model_name, config.url, config.url)
+        try:
+            yield
+        finally:
+            reaper.cancel()
+            await app.state.sessions.close_all()
+            await stop_backends(backends)
+            log.info("stopped")
+
+    app = Starlette(
+        routes=ROUTES,
+        lifespan=lifespan,
+        exception_handlers={APIError: api_error_handler, HTTPException: http_error_handler,
+                            Exception: internal_error_handler},
+    )
+    app.state.config = config
+    app.state.backends = backends
+    app.state.metrics = metrics
+    app.state.started = int(time.time())
+    app.state.media_limits = MediaLimits(
+        max_bytes=config.max_upload_bytes,
+        allowed_local_path=Path(config.allowed_local_media_path) if config.allowed_local_media_path else None,
+        fetch_timeout_s=config.media_fetch_timeout_s,
+    )
+    return app
+
+
+# ---- models, health, metrics, schema -------------------------------------------------------------------------------
+def _model_object(request: Request) -> dict:
+    return {"id": request.app.state.config.served_model_name, "object": "model",
+            "created": request.app.state.started, "owned_by": "dispider-vllm"}
+
+
+async def list_models(request: Request) -> Response:
+    return JSONResponse({"object": "list", "data": [_model_object(request)]})
+
+
+async def get_model(request: Request) -> Response:
+    model = request.path_params["model"]
+    if model != request.app.state.config.served_model_name:
+        raise APIError(404, f"The model `{model}` does not exist.", "model_not_found", "model")
+    return JSONResponse(_model_object(request))
+
+
+async def health(request: Request) -> Response:
+    backends: Backends = request.app.state.backends
+    sidecar, engine = backends.sidecar.is_alive(), backends.engine.is_alive()
+    status = "ok" if sidecar and engine else "unhealthy"
+    body = {"status": status, "sidecar": sidecar, "engine": engine}
+    return JSONResponse(body, status_code=200 if status == "ok" else 503)
+
+
+async def metrics_text(request: Request) -> Response:
+    return Response(request.app.state.metrics.render(), media_type=METRICS_CONTENT_TYPE)
+
+
+async def openapi_json(request: Request) -> Response:
+    return JSONResponse(openapi_schema(request.app.state.config.served_model_name))
+
+
+# ---- sessions --------------------------------------------------------------------------------------------------------
+def _session(request: Request) -> Session:
+    return request.app.state.sessions.get(request.path_params["session_id"])
+
+
+def _accepting(session: Session) -> Session:
+    if not session.accepts_input:
+        raise APIError(409, f"session {session.id} has ended; it takes no more input", "session_ended")
+    return session
+
+
+def _question(body: dict, name: str = "question") -> str:
+    question = body.get(name)
+    if not isinstance(question, str) or not question.strip():
+        raise bad_request(f"'{name}' must be a non-empty string", "missing_question", name)
+    return question.strip()
+
+
+def session_options(body: dict, default_max_tokens: int) -> SessionOptions:
+    """``{question, clip_mode?, max_tokens?, temperature?, stop?, include_previous_answers?}``, read as in chat."""
+    return SessionOptions(
+        question=_question(body),
+        clip_mode=chat.parse_clip_mode(body.get("clip_mode")),
+        **chat.generation_fields(body, default_max_tokens),
+    )
+
+
+async def create_session(request: Request) -> Response:
+    state = request.app.state
+    body = await read_json_object(request, state.config.max_upload_bytes)
+    session = state.sessions.open(session_options(body, state.config.default_max_tokens))
+    return JSONResponse(session.describe(), status_code=201)
+
+
+async def get_session(request: Request) -> Response:
+    return JSONResponse(_session(request).describe())
+
+
+async def delete_session(request: Request) -> Response:
+    session = _session(request)
+    await request.app.state.sessions.remove(session, "deleted")
+    return JSONResponse({"id": session.id, "object": "session.deleted", "deleted": True})
+
+
+async def push_frames(request: Request) -> Response:
+    """An image (``?timestamp=``), JSON ``{"frames": [...]}``, or a video chunk (``?time_offset=``)."""
+    session = _accepting(_session(request))
+    max_bytes = request.app.state.config.max_upload_bytes
+    kind = media_type(request.headers.get("content-type"))
+    if kind == "application/json":
+        frames = await frames_from_json(await read_json_object(request, max_bytes), max_bytes)
+        session.push_frames(frames)
+        accepted = len(frames)
+    elif kind.startswith("image/"):
+        require_image_type(kind)
+        timestamp = _timestamp_param(request, session)
+        pixels = await decode_frame_image(await read_body(request, max_bytes))
+        session.push_frames([Frame(timestamp, pixels)])
+        accepted = 1
+    elif is_video_type(kind):
+        data = await read_body(request, max_bytes)
+        info = await probe(data, max_bytes)
+        offset = parse_timestamp(request.query_params.get("time_offset", session.last_timestamp or 0.0), "time_offset")
+        session.push_encoded(data, offset, info.duration)
+        accepted = 0
+    else:
+        raise unsupported_media(
+            f"frames are sent as {', '.join(IMAGE_TYPES)}, application/json, or a video chunk (video/*, "
+            f"application/octet-stream); got {kind or 'no content type'!r}"
+        )
+    return JSONResponse({"id": session.id, "object": "session.frames", "accepted_frames": accepted,
+                         "last_timestamp": session.last_timestamp}, status_code=202)
+
+
+def _timestamp_param(request: Request, session: Session) -> float:
+    value = request.query_params.get("timestamp")
+    if value is None:  # a camera that does not say: the time since the session opened
+        return max(time.time() - session.created, session.last_timestamp or 0.0)
+    return parse_timestamp(value, "timestamp")
+
+
+async def ask_question(request: Request) -> Response:
+    session = _accepting(_session(request))
+    body = await read_json_object(request, request.app.state.config.max_upload_bytes)
+    session.ask(_question(body))
+    return JSONResponse(session.describe())
+
+
+async def end_session(request: Request) -> Response:
+    session = _session(request)
+    session.end()
+    return JSONResponse(session.describe(), status_code=202)
+
+
+async def session_events(request: Request) -> Response:
+    session = _session(request)
+    last_seen = request.headers.get("last-event-id", "")
+    after = int(last_seen) if last_seen.isdigit() else -1
+    return StreamingResponse(_sse_events(session, after), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+async def _sse_events(session: Session, after: int):
+    session.readers += 1
+    try:
+        async for item in session.events.follow(after, keepalive_s=KEEPALIVE_S):
+            if item is None:
+                yield chat.SSE_KEEPALIVE
+                continue
+            seq, event = item
+            name, data = chat.event_payload(session, event)
+            yield chat.sse(name, data, seq)
+    finally:
+        session.readers -= 1
+
+
+# ---- the WebSocket --------------------------------------------------------------------------------------------------
+async def session_websocket(websocket: WebSocket) -> None:
+    await websocket.accept()
+    try:
+        session = websocket.app.state.sessions.get(websocket.path_params["session_id"])
+    except APIError as error:
+        await websocket.send_json({"event": "error", "data": error.body()})
+        await websocket.close(code=4404, reason=error.code)
+        return
+    session.readers += 1
+    sender = asyncio.create_task(_send_events(websocket, session))
+    try:
+        await _receive_commands(websocket, session)
+        await sender  # after "end": every remaining event, up to `end`
+    except WebSocketDisconnect:
+        pass
+    finally:
+        session.readers -= 1
+        sender.cancel()
+        await asyncio.gather(sender, return_exceptions=True)
+
+
+async def _send_events(websocket: WebSocket, session: Session) -> None:
+    async for item in session.events.follow():
+        seq, event = item
+        name, data = chat.event_payload(session, event)
+        await websocket.send_json({"event": name, "id": seq, "data": data})
+    await websocket.close()
+
+
+async def _receive_commands(websocket: WebSocket, session: Session) -> None:
+    """Client messages until it sends ``end`` (or goes away). A bad message gets an error reply, nothing more."""
+    max_bytes = websocket.app.state.config.max_upload_bytes
+    while True:
+        text = await websocket.receive_text()
+        try:
+            message = _ws_message(text)
+            if await _apply_ws_message(session, message, max_bytes):
+                return
+        except APIError as error:
+            websocket.app.state.metrics.errors.labels(code=error.code).inc()
+            await websocket.send_json({"event": "error", "data": error.body()})
+
+
+def _ws_message(text: str) -> dict:
+    try:
+        message = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise bad_request(f"a message is a JSON object: {error}", "invalid_json") from None
+    if not isinstance(message, dict):
+        raise bad_request("a message is a JSON object with a 'type'", "invalid_json")
+    return message
+
+
+async def _apply_ws_message(session: Session, message: dict, max_bytes: int) -> bool:
+    """Apply one client message; True when it was ``end``."""
+    kind = message.get("type")
+    if kind == "end":
+        session.end()
+        return True
+    _accepting(session)
+    if kind == "frame":
+        timestamp = parse_timestamp(message.get("timestamp"), "timestamp")
+        pixels = await decode_frame_image(decode_base64(message.get("image"), "image", max_bytes), "image")
+        session.push_frames([Frame(timestamp, pixels)])
+    elif kind == "question":
+        session.ask(_question(message, "text"))
+    else:
+        raise bad_request("'type' is one of frame, question, end", "invalid_message_type", "type")
+    return False
+
+
+ROUTES = [
+    Route("/v1/chat/completions", chat.chat_completions, methods=["POST"]),
+    Route("/v1/sessions", create_session, methods=["POST"]),
+    Route("/v1/sessions/{session_id}", get_session, methods=["GET"]),
+    Route("/v1/sessions/{session_id}", delete_session, methods=["DELETE"]),
+    Route("/v1/sessions/{session_id}/frames", push_frames, methods=["POST"]),
+    Route("/v1/sessions/{session_id}/questions", ask_question, methods=["POST"]),
+    Route("/v1/sessions/{session_id}/end", end_session, methods=["POST"]),
+    Route("/v1/sessions/{session_id}/events", session_events, methods=["GET"]),
+    WebSocketRoute("/v1/sessions/{session_id}/ws", session_websocket),
+    Route("/v1/models", list_models, methods=["GET"]),
+    Route("/v1/models/{model}", get_model, methods=["GET"]),
+    Route("/health", health, methods=["GET"]),
+    Route("/metrics", metrics_text, methods=["GET"]),
+    Route("/openapi.json", openapi_json, methods=["GET"]),
+]

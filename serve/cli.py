@@ -1,0 +1,152 @@
+"""``dispider-serve`` (also ``python -m serve``): serve one Dispider checkpoint behind an OpenAI-compatible API."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from serve.config import DEFAULT_MODEL_NAME, ServerConfig, resolve_model_parts
+
+DESCRIPTION = """\
+Serve Dispider, a proactive streaming video LLM: the reaction model runs on vLLM, perception and decision
+run in a sidecar process, and an OpenAI-compatible API sits in front:
+
+  POST /v1/chat/completions   a video (video_url part) and a question -> every proactive answer, with its
+                              span of video time (streamed or not)
+  /v1/sessions...             live sessions: push frames over HTTP or a WebSocket, read events as SSE
+  GET  /v1/models, /health, /metrics (Prometheus), /openapi.json
+
+The checkpoint is split into its reaction and perception/decision parts on first use (cached)."""
+
+EPILOG = """\
+examples:
+  dispider-serve --checkpoint /models/Dispider
+  dispider-serve --respond-every 2              # the tiny random test checkpoint, answering every 2nd clip
+  curl localhost:8000/v1/chat/completions -H 'content-type: application/json' -d '{"model": "dispider",
+    "messages": [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": "https://.../a.mp4"}},
+    {"type": "text", "text": "Tell me when the person picks up the cup."}]}]}'"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    defaults = ServerConfig()
+    parser = argparse.ArgumentParser(
+        prog="dispider-serve", description=DESCRIPTION, epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    model = parser.add_argument_group("model")
+    model.add_argument("--checkpoint", metavar="DIR",
+                       help="a Dispider checkpoint directory (or one already split); default: a tiny random test "
+                            "checkpoint, generated on first use (no real answers)")
+    model.add_argument("--split-dir", metavar="DIR",
+                       help="where to write the split parts (default: a per-checkpoint dir under $DISPIDER_HOME, "
+                            "~/.cache/dispider-vllm)")
+    model.add_argument("--served-model-name", default=DEFAULT_MODEL_NAME, metavar="NAME",
+                       help=f"the model name clients send (default {DEFAULT_MODEL_NAME!r})")
+
+    net = parser.add_argument_group("network")
+    net.add_argument("--host", default=defaults.host, help=f"address to bind (default {defaults.host})")
+    net.add_argument("--port", type=int, default=defaults.port, help=f"port (default {defaults.port})")
+
+    engine = parser.add_argument_group("reaction engine (vLLM)")
+    engine.add_argument("--dtype", default=defaults.dtype,
+                        help="weights dtype: auto (float32 on the CPU, the checkpoint's on a GPU), float16, bfloat16, "
+                             "float32")
+    engine.add_argument("--max-model-len", type=int, default=defaults.max_model_len, metavar="N",
+                        help=f"longest reaction prompt + answer in tokens (default {defaults.max_model_len}; a "
+                             "streaming answer's prompt is about 4,400)")
+    engine.add_argument("--max-num-seqs", type=int, metavar="N", help="answers generated at once (vLLM's default)")
+    engine.add_argument("--gpu-memory-utilization", type=float, default=defaults.gpu_memory_utilization,
+                        metavar="F", help=f"share of GPU memory for vLLM; the sidecar shares the GPU "
+                                          f"(default {defaults.gpu_memory_utilization})")
+    engine.add_argument("--tensor-parallel-size", type=int, default=1, metavar="N", help="GPUs for the reaction model")
+    engine.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=None,
+                        help="no compilation or CUDA graphs (default: on for the CPU, off on a GPU)")
+    engine.add_argument("--cpu-kv-cache-gib", type=int, default=defaults.cpu_kv_cache_gib, metavar="GIB",
+                        help="KV cache size on the CPU, unless VLLM_CPU_KVCACHE_SPACE is set (default 1)")
+
+    sidecar = parser.add_argument_group("sidecar (perception and decision)")
+    sidecar.add_argument("--sidecar-device", default="auto", metavar="DEVICE",
+                         help="cpu, cuda, cuda:1 ... (default: cuda if vLLM runs on a GPU, else cpu)")
+    sidecar.add_argument("--sidecar-threads", type=int, metavar="N", help="torch CPU threads in the sidecar")
+    sidecar.add_argument("--max-batch-clips", type=int, default=defaults.max_batch_clips, metavar="N",
+                         help=f"clips of all streams perceived in one batch (default {defaults.max_batch_clips})")
+    sidecar.add_argument("--respond-every", type=int, metavar="N",
+                         help="for load tests and demos with random weights: force an answer every N clips instead "
+                              "of the model's own decision")
+
+    requests = parser.add_argument_group("requests and sessions")
+    requests.add_argument("--default-max-tokens", type=int, default=defaults.default_max_tokens, metavar="N",
+                          help=f"tokens per answer when a request does not say (default {defaults.default_max_tokens})")
+    requests.add_argument("--max-upload-mb", type=int, default=defaults.max_upload_mb, metavar="MB",
+                          help=f"largest request body, fetched video or frame (default {defaults.max_upload_mb}); "
+                               "larger gets 413")
+    requests.add_argument("--allowed-local-media-path", metavar="DIR",
+                          help="let requests name local videos (a path or file:// URL) under DIR; off by default")
+    requests.add_argument("--media-fetch-timeout", type=float, default=defaults.media_fetch_timeout_s,
+                          metavar="S",
+                          help=f"timeout for fetching http(s) videos (default {defaults.media_fetch_timeout_s:g} s)")
+    requests.add_argument("--max-sessions", type=int, default=defaults.max_sessions, metavar="N",
+                          help=f"live sessions and chat streams at once (default {defaults.max_sessions}); "
+                               "more get 429")
+    requests.add_argument("--session-idle-timeout", type=float, default=defaults.session_idle_timeout_s, metavar="S",
+                          help=f"close a live session after S seconds without input or reader "
+                               f"(default {defaults.session_idle_timeout_s:g})")
+    requests.add_argument("--event-buffer", type=int, default=defaults.event_buffer, metavar="N",
+                          help="events kept per session for readers that connect late "
+                               f"(default {defaults.event_buffer})")
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                        help="log level (default info)")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> ServerConfig:
+    return ServerConfig(
+        checkpoint=args.checkpoint, split_dir=args.split_dir, served_model_name=args.served_model_name,
+        host=args.host, port=args.port,
+        dtype=args.dtype, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+        gpu_memory_utilization=args.gpu_memory_utilization, tensor_parallel_size=args.tensor_parallel_size,
+        enforce_eager=args.enforce_eager, cpu_kv_cache_gib=args.cpu_kv_cache_gib,
+        sidecar_device=args.sidecar_device, sidecar_threads=args.sidecar_threads,
+        max_batch_clips=args.max_batch_clips, respond_every=args.respond_every,
+        default_max_tokens=args.default_max_tokens, max_upload_mb=args.max_upload_mb,
+        allowed_local_media_path=args.allowed_local_media_path, media_fetch_timeout_s=args.media_fetch_timeout,
+        max_sessions=args.max_sessions, session_idle_timeout_s=args.session_idle_timeout,
+        event_buffer=args.event_buffer, log_level=args.log_level,
+    )
+
+
+def _check(parser: argparse.ArgumentParser, config: ServerConfig) -> None:
+    positive = {"--max-upload-mb": config.max_upload_mb, "--max-sessions": config.max_sessions,
+                "--default-max-tokens": config.default_max_tokens, "--event-buffer": config.event_buffer,
+                "--respond-every": config.respond_every or 1, "--max-model-len": config.max_model_len}
+    for flag, value in positive.items():
+        if value < 1:
+            parser.error(f"{flag} must be >= 1")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
+    config = config_from_args(parser.parse_args(argv))
+    _check(parser, config)
+    logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    log = logging.getLogger("dispider.serve")
+    log.info("dispider-serve starting: checkpoint %s", config.checkpoint or "(tiny random test checkpoint)")
+    parts = resolve_model_parts(config)
+    log.info("reaction part %s; perception/decision part %s", parts.reaction_dir, parts.perception_decision_dir)
+
+    import uvicorn
+
+    from serve.app import build_app, make_backends
+
+    app = build_app(config, make_backends(config, parts))
+    uvicorn.run(
+        app, host=config.host, port=config.port, log_level=config.log_level,
+        ws_max_size=config.max_upload_bytes * 4 // 3 + 4096,  # a frame message: a base64 image and a little JSON
+        timeout_graceful_shutdown=10,
+    )
+
+
+if __name__ == "__main__":
+    main()

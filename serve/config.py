@@ -1,0 +1,99 @@
+"""The server's settings (one dataclass, filled by the CLI) and where its two model parts come from."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger("dispider.serve")
+
+DEFAULT_MODEL_NAME = "dispider"
+
+
+@dataclass
+class ServerConfig:
+    # where the model comes from
+    checkpoint: str | None = None  # a Dispider checkpoint (or its split); None: the tiny random test checkpoint
+    split_dir: str | None = None  # where the split goes; default: a cache dir per checkpoint
+    served_model_name: str = DEFAULT_MODEL_NAME
+    # network
+    host: str = "127.0.0.1"
+    port: int = 8000
+    # reaction engine (vLLM)
+    dtype: str = "auto"  # float32 on the CPU, the checkpoint's dtype on a GPU
+    max_model_len: int = 16384
+    max_num_seqs: int | None = None
+    gpu_memory_utilization: float = 0.75  # the sidecar shares the GPU
+    tensor_parallel_size: int = 1
+    enforce_eager: bool | None = None  # None: on for the CPU (no compilation), off on a GPU
+    cpu_kv_cache_gib: int = 1
+    # sidecar (perception + decision)
+    sidecar_device: str = "auto"
+    sidecar_threads: int | None = None
+    max_batch_clips: int = 32
+    respond_every: int | None = None
+    # requests and sessions
+    default_max_tokens: int = 256
+    max_upload_mb: int = 256
+    allowed_local_media_path: str | None = None
+    media_fetch_timeout_s: float = 30.0
+    max_sessions: int = 64
+    session_idle_timeout_s: float = 600.0
+    event_buffer: int = 4096
+    log_level: str = "info"
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return self.max_upload_mb << 20
+
+    @property
+    def url(self) -> str:
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "::") else self.host
+        return f"http://{host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class ModelParts:
+    """The two directories the server runs: the vLLM reaction model and the sidecar's part."""
+
+    source: Path
+    reaction_dir: Path
+    perception_decision_dir: Path
+
+
+def resolve_model_parts(config: ServerConfig) -> ModelParts:
+    """Find or make the split of the configured checkpoint (the random test checkpoint when none is given)."""
+    if config.checkpoint is None:
+        return _default_checkpoint_parts()
+    source = Path(config.checkpoint).expanduser().resolve()
+    if not source.is_dir():
+        raise SystemExit(f"--checkpoint {source} is not a directory")
+    if _is_split(source):
+        log.info("checkpoint %s is already split", source)
+        return ModelParts(source, source / "reaction", source / "perception_decision")
+    return _split(source, Path(config.split_dir).expanduser() if config.split_dir else None)
+
+
+def _is_split(directory: Path) -> bool:
+    from dispider_vllm.checkpoint.split import SPLIT_MARKER_NAME
+
+    return (directory / SPLIT_MARKER_NAME).is_file()
+
+
+def _split(source: Path, split_dir: Path | None) -> ModelParts:
+    from dispider_vllm.checkpoint.cache import default_split_dir
+    from dispider_vllm.checkpoint.split import split_checkpoint
+
+    out_dir = split_dir or default_split_dir(source)
+    log.info("splitting checkpoint %s into %s (a no-op when already done)", source, out_dir)
+    split = split_checkpoint(source, out_dir, progress=lambda line: log.info("split: %s", line))
+    return ModelParts(source, Path(split.reaction_dir), Path(split.perception_decision_dir))
+
+
+def _default_checkpoint_parts() -> ModelParts:
+    from dispider_vllm.checkpoint.random import ensure_default_checkpoint
+
+    log.info("no --checkpoint: using the tiny random test checkpoint (made on first use)")
+    made = ensure_default_checkpoint()
+    return ModelParts(Path(made.checkpoint_dir), Path(made.reaction_dir), Path(made.perception_decision_dir))
