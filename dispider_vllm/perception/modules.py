@@ -124,6 +124,8 @@ class PerceptionDecisionModules:
         qwen_config = _qwen_config_from(config)
         clip_config = _clip_config_from(json.loads((part_dir / VISION_DIR / "config.json").read_text()))
         tokenizer = AutoTokenizer.from_pretrained(part_dir, config=qwen_config)
+        if config.get("dispider_dummy_weights"):  # a shapes-only split for benchmarks: random weights, on device
+            return cls._build(qwen_config, clip_config, config, tokenizer, device=torch.device(device))._finish(dtype)
         with no_init_weights():  # the weights come from disk; skip the slow random init
             modules = cls._build(qwen_config, clip_config, config, tokenizer, device=torch.device(device))
         modules._load_state_dict(load_file(part_dir / WEIGHTS_FILE, device=str(device)))

@@ -99,6 +99,8 @@ class ReactionEngine:
         _prepare_cpu_environment(self.config)
         args = AsyncEngineArgs(
             model=self.config.model_dir,
+            # A shapes-only split (dispider_vllm.checkpoint.dummy) has no weights: vLLM fills them at random.
+            load_format="dummy" if _has_dummy_weights(self.config.model_dir) else "auto",
             dtype=self.config.dtype,
             max_model_len=self.config.max_model_len,
             max_num_seqs=self.config.max_num_seqs,
@@ -158,6 +160,8 @@ class ReactionEngine:
         request = {
             "prompt": build_reaction_prompt(trigger.question, previous_answers),
             "multi_modal_data": {"image": trigger.bundle.as_mm_data()},
+            # A trigger names its bundle, so vLLM keys its caches on the name instead of hashing ~33 MB.
+            "multi_modal_uuids": {"image": [bundle_name(trigger)]},
         }
         params = self.sampling_params(max_tokens=max_tokens, temperature=temperature, stop=stop)
         outputs = self._llm.generate(request, params, f"reaction-{uuid.uuid4().hex}", priority=priority)
@@ -190,6 +194,18 @@ async def answer_deltas(outputs: AsyncIterator, keep_silent_id: int | None) -> A
             return
         if text or finished:
             yield ReactionDelta(text, num_tokens, finished, completion.finish_reason, prompt_tokens)
+
+
+def bundle_name(trigger: Trigger) -> str:
+    """Unique per bundle content: a stream answers a question at a clip once, from these retrieved clips."""
+    event = trigger.event
+    clips = ",".join(map(str, trigger.retrieved))
+    return f"{event.stream_id}/q{event.question_id}/c{event.clip_index}/r{clips}/t{trigger.bundle.global_memory.shape[0]}"
+
+
+def _has_dummy_weights(model_dir: str) -> bool:
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    return bool(config.get("dispider_dummy_weights"))
 
 
 def _prepare_cpu_environment(config: ReactionEngineConfig) -> None:

@@ -75,6 +75,17 @@ def make_respond_policy(every: int | None, probability: float | None) -> Callabl
     return None
 
 
+def decode_push(command: PushEncoded) -> PushFrames | StreamError:
+    """An encoded chunk -> its frames on the stream's timeline (or the stream's error)."""
+    try:
+        frames = tuple(
+            Frame(frame.timestamp + command.time_offset, frame.pixels) for frame in decode_video(command.data)
+        )
+    except VideoError as error:
+        return StreamError(command.stream_id, "invalid_video", str(error))
+    return PushFrames(command.stream_id, frames, command.end_of_stream, command.received_at)
+
+
 class SidecarEngine:
     def __init__(
         self,
@@ -159,13 +170,10 @@ class SidecarEngine:
         return clips
 
     def _push_encoded(self, command: PushEncoded) -> list[Event]:
-        try:
-            frames = [
-                Frame(frame.timestamp + command.time_offset, frame.pixels) for frame in decode_video(command.data)
-            ]
-        except VideoError as error:
-            return [StreamError(command.stream_id, "invalid_video", str(error))]
-        return self._push(command.stream_id, frames, command.end_of_stream, command.received_at)
+        decoded = decode_push(command)
+        if isinstance(decoded, StreamError):
+            return [decoded]
+        return self._push(decoded.stream_id, decoded.frames, decoded.end_of_stream, decoded.received_at)
 
     def _close(self, stream_id: str) -> list[Event]:
         stream = self.streams.pop(stream_id)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -11,7 +12,8 @@ from pathlib import Path
 import torch
 
 from dispider_vllm.sidecar.client import SidecarConfig
-from dispider_vllm.sidecar.protocol import Shutdown, SidecarReady, SidecarStats
+from dispider_vllm.sidecar.engine import decode_push
+from dispider_vllm.sidecar.protocol import PushEncoded, Shutdown, SidecarReady, SidecarStats, StreamError
 
 log = logging.getLogger("dispider.sidecar")
 STATS_INTERVAL_S = 1.0
@@ -49,13 +51,57 @@ def _build_engine(config: SidecarConfig):
     )
 
 
+class VideoDecoder:
+    """Decodes ``PushEncoded`` chunks on a thread, so a long upload does not stall the other streams' clips.
+
+    A stream's later commands wait in the same FIFO while one of its chunks is being decoded, so its frames,
+    questions and end stay in the order they were sent.
+    """
+
+    def __init__(self) -> None:
+        self._jobs: queue.Queue = queue.Queue()
+        self.ready: queue.Queue = queue.Queue()  # commands (and errors) to hand to the engine, in order
+        self._pending: dict[str, int] = {}
+        self._lock = threading.Lock()
+        threading.Thread(target=self._work, name="sidecar-decoder", daemon=True).start()
+
+    def takes(self, command) -> bool:
+        """Whether this command must go through the decoder's FIFO."""
+        if isinstance(command, PushEncoded):
+            return True
+        with self._lock:
+            return self._pending.get(getattr(command, "stream_id", None), 0) > 0
+
+    def submit(self, command) -> None:
+        with self._lock:
+            self._pending[command.stream_id] = self._pending.get(command.stream_id, 0) + 1
+        self._jobs.put(command)
+
+    def _work(self) -> None:
+        while True:
+            command = self._jobs.get()
+            self.ready.put(decode_push(command) if isinstance(command, PushEncoded) else command)
+            with self._lock:
+                self._pending[command.stream_id] -= 1
+                if not self._pending[command.stream_id]:
+                    del self._pending[command.stream_id]
+
+
 def _serve(engine, commands, events) -> None:
+    decoder = VideoDecoder()
     last_stats = 0.0
     while True:
-        for command in _drain(commands, block=not engine.has_work()):
+        idle = not engine.has_work() and decoder.ready.empty()
+        for command in _drain(commands, block=idle):
             if isinstance(command, Shutdown):
                 return
+            if decoder.takes(command):
+                decoder.submit(command)
+                continue
             for event in _safely(engine.handle, command):
+                events.put(event)
+        for decoded in _drain(decoder.ready, block=False):
+            for event in [decoded] if isinstance(decoded, StreamError) else _safely(engine.handle, decoded):
                 events.put(event)
         if engine.has_work():
             with torch.inference_mode():
@@ -80,8 +126,6 @@ def _drain(commands, *, block: bool) -> list:
 
 def _safely(handle, command) -> list:
     """A command that breaks on its stream's data must not take the other streams down."""
-    from dispider_vllm.sidecar.protocol import StreamError
-
     try:
         return handle(command)
     except Exception as error:  # noqa: BLE001
