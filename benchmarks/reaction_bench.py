@@ -116,11 +116,11 @@ def run_side(side: str, model_dir: Path, args) -> dict:
     result = {"side": side}
     decode_positions = 1088 * DECODE_BUNDLE[0] + DECODE_BUNDLE[1] + 64
     for batch in args.batches:
-        prompts = [make_prompt(decode_positions, DECODE_BUNDLE, 1000 + batch * 1000 + i) for i in range(batch)]
+        prompts = [make_prompt(decode_positions, DECODE_BUNDLE, 100_000 + batch * 1000 + i) for i in range(batch)]
         result[f"decode_ms_per_step_batch{batch}"] = decode_step_ms(llm, prompts, args.decode_tokens)
     ttfts = []
     for repeat in range(args.repeats):
-        prompt = make_prompt(TTFT_POSITIONS, TTFT_BUNDLE, 5000 + repeat)
+        prompt = make_prompt(TTFT_POSITIONS, TTFT_BUNDLE, 900_000 + repeat)
         start = time.perf_counter()
         out = llm.generate([prompt], SamplingParams(max_tokens=1), use_tqdm=False)[0]
         ttfts.append((time.perf_counter() - start) * 1000)

@@ -234,7 +234,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(run_demo(args))
     except ServerStartError as error:
         sys.exit(f"dispider-demo: the server did not start.\n{error}")
-    except StreamClientError as error:
+    except (StreamClientError, httpx.HTTPError) as error:
         sys.exit(f"dispider-demo: streaming failed: {error}")
     except KeyboardInterrupt:
         print("\ndispider-demo: interrupted; the server was stopped", file=sys.stderr)

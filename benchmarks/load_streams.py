@@ -1,0 +1,791 @@
+"""Live streams per server: N concurrent live sessions at real-time pace against ``dispider-serve``.
+
+    # a running server
+    python benchmarks/load_streams.py --url http://127.0.0.1:8000 --streams 8 --duration 120 --out load.json
+    # start the server too (its arguments after --); with random weights force an answer every 4th clip
+    python benchmarks/load_streams.py --start-server --respond-every 4 --sweep 8 16 32 64 --duration 160 \\
+        --out benchmarks/results/load_h200.json -- --checkpoint /models/Dispider
+
+Each stream opens a live session, reads its SSE events, and pushes JPEG frames of a generated video (or
+``--video``) at 1 frame per second of video time, paced in real time, for ``--duration`` seconds; then it ends
+the session, waits for its last answers and deletes it. Stream starts are spread over one clip (``--stagger``),
+as independent cameras would be. A frame the client could not push within ``--drop-after`` seconds of its time
+is dropped, as a live source would.
+
+Recorded, with p50/p90/p99:
+
+- decision latency: the server's (``latency_s`` of ``decision`` events: clip's last frame received -> decision)
+  and the client's (clip's closing frame sent -> ``decision`` event received);
+- time to first token: the trigger (the decision to respond, taken at closing frame sent + the server's
+  ``latency_s``) -> the answer's first ``chunk`` received, including any wait behind the session's previous
+  answer; also from the ``decision`` event's arrival, and from /metrics (engine submit -> first text);
+- answer latency: clip's closing frame sent -> the answer's first ``chunk`` (what a viewer waits);
+- inter-token latency (per answer: first to last chunk / (tokens - 1)), gaps between chunks, tokens/s;
+- frames late or dropped, push lag and its growth, the server's backlog (sidecar pending clips, reaction queue)
+  sampled from /metrics, GPU memory (/metrics if the server exports it, else nvidia-smi, else null).
+
+A run is *real-time* when nothing backs up and latencies hold: no frame dropped, neither the push lag nor the
+decision latency grows over the run (least-squares rise over the run <= ``--growth-tolerance``), p99 decision
+latency <= 2 s, p99 time to first token <= 1.5 s, every session decided every clip with no errors.
+``--sweep N1 N2 ...`` runs each N in increasing order, stops after the first that is not real-time, and reports
+the largest that was. Needs ``--respond-every`` on the server for a steady answer rate with random weights.
+Before the first run, one short stream warms the server up (first batches, compilation); ``--no-warmup`` skips it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import httpx
+
+from clients.local_server import LocalServer, ServerStartError, option_value
+from clients.server_metrics import (
+    DECISION_LATENCY,
+    PERCEPTION_LATENCY,
+    QUEUE_WAIT,
+    TIME_TO_FIRST_TOKEN,
+    MetricsSnapshot,
+)
+from clients.stream_video import (
+    EventRecorder,
+    StreamClientError,
+    StreamReport,
+    StreamSettings,
+    TimelinePrinter,
+    auth_headers,
+    delete_session,
+    encode_jpeg,
+    open_session,
+    raise_for_api_error,
+    sse_events,
+    thin,
+    video_file_frames,
+)
+
+CLIP_SECONDS = 16  # uniform clips: 16 frames sampled at 1 fps
+SAMPLE_FPS = 1.0  # the server's sampling rate
+MAX_P99_DECISION_S = 2.0
+MAX_P99_TTFT_S = 1.5
+LOOP_LAG_LIMIT_S = 0.25  # above this (p99), the load generator itself could not keep up
+SAMPLE_METRICS_EVERY_S = 2.0
+SAMPLE_GPU_EVERY_S = 5.0
+REPORT_VERSION = 1
+
+
+# ---- settings ------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class LoadConfig:
+    duration_s: float = 120.0  # video seconds per stream
+    fps: float = 1.0  # frames pushed per second of video
+    speed: float = 1.0  # video seconds per wall second (1: real time; more only for smoke tests)
+    stagger_s: float = CLIP_SECONDS  # stream starts spread evenly over this
+    max_tokens: int = 32
+    question: str = "Tell me whenever something changes in the video."
+    drop_after_s: float = 2.0
+    drain_timeout_s: float = 120.0
+    growth_tolerance_s: float = 0.5
+    max_p99_decision_s: float = MAX_P99_DECISION_S
+    max_p99_ttft_s: float = MAX_P99_TTFT_S
+    jpeg_quality: int = 85
+    api_key: str | None = None  # for a server run with --tenants
+
+    @property
+    def late_after_s(self) -> float:
+        return 0.5 / self.fps  # half a frame interval
+
+    @property
+    def expected_clips(self) -> int:
+        return math.ceil(self.duration_s * SAMPLE_FPS / CLIP_SECONDS)
+
+
+@dataclass(frozen=True)
+class EncodedFrame:
+    timestamp: float
+    jpeg: bytes
+
+
+# ---- what one stream records ----------------------------------------------------------------------------------------
+@dataclass
+class StreamLog:
+    index: int
+    session_id: str | None = None
+    frames_sent: int = 0
+    frames_late: int = 0
+    frames_dropped: int = 0
+    push_lag: list[tuple[float, float]] = field(default_factory=list)  # (seconds into the run, lag)
+    push_rtt_s: list[float] = field(default_factory=list)
+    sent_at: list[tuple[float, float]] = field(default_factory=list)  # (video timestamp, monotonic send time)
+    end_sent_at: float | None = None
+    events: StreamReport | None = None
+    failure: str | None = None
+
+    def closing_sent_at(self, clip: int) -> float | None:
+        """When the frame that closed ``clip`` was sent: the first one at or past its last sampling target."""
+        if not self.sent_at:
+            return None
+        threshold = self.sent_at[0][0] + (clip + 1) * CLIP_SECONDS / SAMPLE_FPS - 0.5 / SAMPLE_FPS
+        for timestamp, sent in self.sent_at:
+            if timestamp >= threshold - 1e-6:
+                return sent
+        return self.end_sent_at  # the last, partial clip closes at the end of the stream
+
+
+class QuietPrinter(TimelinePrinter):
+    """The benchmark records events; it prints none of them."""
+
+    def decision(self, decision) -> None: ...
+
+    def answer_text(self, response, text) -> None: ...
+
+    def answer_end(self, response) -> None: ...
+
+    def error(self, error) -> None: ...
+
+
+# ---- one stream ------------------------------------------------------------------------------------------------------
+async def run_stream(index: int, count: int, http: httpx.AsyncClient, url: str, frames: list[EncodedFrame],
+                     config: LoadConfig, run_start: float) -> StreamLog:
+    log = StreamLog(index)
+    await asyncio.sleep(config.stagger_s * index / max(count, 1) / config.speed)
+    settings = StreamSettings(url=url, question=f"[stream {index}] {config.question}", max_tokens=config.max_tokens,
+                              api_key=config.api_key)
+    try:
+        session = await open_session(http, settings)
+    except (StreamClientError, httpx.HTTPError) as error:
+        log.failure = f"open: {error}"
+        return log
+    log.session_id = session["id"]
+    log.events = StreamReport(session["id"])
+    reader = asyncio.create_task(_read(http, session["events_url"], EventRecorder(log.events, QuietPrinter())))
+    try:
+        await push_paced(http, session["id"], frames, config, log, run_start, stop=reader.done)
+        log.end_sent_at = time.monotonic()
+        raise_for_api_error(await http.post(f"/v1/sessions/{session['id']}/end"))
+        await asyncio.wait_for(asyncio.shield(reader), config.drain_timeout_s)
+        if not log.events.ended_normally:
+            log.failure = f"the session ended early: {log.events.end}"
+    except asyncio.TimeoutError:
+        log.failure = f"no end event within {config.drain_timeout_s:g} s of the last frame"
+    except (StreamClientError, httpx.HTTPError) as error:
+        log.failure = reader_failure(reader) or f"{type(error).__name__}: {error}"
+    finally:
+        reader.cancel()
+        await asyncio.gather(reader, return_exceptions=True)
+        await delete_session(http, session["id"])
+    return log
+
+
+def reader_failure(reader: asyncio.Task) -> str | None:
+    """Why the event reader stopped, when it failed (its error explains more than the pusher's)."""
+    if reader.done() and not reader.cancelled() and (error := reader.exception()) is not None:
+        return f"event stream: {type(error).__name__}: {error}"
+    return None
+
+
+async def _read(http: httpx.AsyncClient, path: str, recorder: EventRecorder) -> None:
+    async for name, data in sse_events(http, path):
+        recorder.handle(name, data)
+
+
+async def push_paced(http: httpx.AsyncClient, session_id: str, frames: list[EncodedFrame], config: LoadConfig,
+                     log: StreamLog, run_start: float, stop) -> None:
+    """Frame k is due k / fps seconds (of video, / speed) after the stream's start; late ones past
+    ``drop_after_s`` are dropped so that the stream stays live."""
+    total = int(round(config.duration_s * config.fps))
+    interval = 1.0 / (config.fps * config.speed)
+    started = time.monotonic()
+    path = f"/v1/sessions/{session_id}/frames"
+    for k in range(total):
+        if stop():
+            raise StreamClientError("the session ended before its last frame")
+        due = started + k * interval
+        if (delay := due - time.monotonic()) > 0:
+            await asyncio.sleep(delay)
+        lag = time.monotonic() - due
+        if lag > config.drop_after_s:
+            log.frames_dropped += 1
+            continue
+        frame = frames[k % len(frames)]
+        timestamp = k / config.fps  # looping the video: time keeps going forward
+        sent = time.monotonic()
+        response = await http.post(path, params={"timestamp": f"{timestamp:.3f}"}, content=frame.jpeg,
+                                   headers={"content-type": "image/jpeg"})
+        raise_for_api_error(response)
+        log.push_rtt_s.append(time.monotonic() - sent)
+        log.sent_at.append((timestamp, sent))
+        log.push_lag.append((sent - run_start, lag))
+        log.frames_sent += 1
+        log.frames_late += lag > config.late_after_s
+
+
+# ---- samplers running beside the streams -------------------------------------------------------------------------------
+@dataclass
+class Samples:
+    pending_clips: list[tuple[float, float]] = field(default_factory=list)  # (seconds into the run, value)
+    reaction_queue: list[tuple[float, float]] = field(default_factory=list)
+    running_reactions: list[float] = field(default_factory=list)
+    gpu_used_mib: list[list[float]] = field(default_factory=list)  # per sample, per GPU
+    gpu_total_mib: list[float] | None = None
+    gpu_source: str | None = None
+    loop_lag_s: list[float] = field(default_factory=list)
+
+
+async def sample_server(http: httpx.AsyncClient, samples: Samples, run_start: float) -> None:
+    while True:
+        try:
+            snapshot = MetricsSnapshot.parse((await http.get("/metrics", timeout=10)).text)
+        except (httpx.HTTPError, ValueError):
+            snapshot = None
+        if snapshot is not None:
+            at = time.monotonic() - run_start
+            if (value := snapshot.value("dispider_sidecar_pending_clips")) is not None:
+                samples.pending_clips.append((at, value))
+            if (value := snapshot.value("dispider_reaction_queue_depth")) is not None:
+                samples.reaction_queue.append((at, value))
+            if (value := snapshot.value("dispider_reactions_running")) is not None:
+                samples.running_reactions.append(value)
+            if (used := gpu_memory_from_metrics(snapshot)) is not None:
+                samples.gpu_source = "metrics"
+                samples.gpu_used_mib.append(used)
+        await asyncio.sleep(SAMPLE_METRICS_EVERY_S)
+
+
+def gpu_memory_from_metrics(snapshot: MetricsSnapshot) -> list[float] | None:
+    """Per-GPU used MiB, if the server exports a ``*gpu_memory_used_bytes`` gauge (dispider-serve may not)."""
+    used = [(labels.get("gpu", labels.get("device", "0")), value) for name, labels, value in snapshot.samples
+            if name.endswith("gpu_memory_used_bytes")]
+    return [value / 2**20 for _, value in sorted(used)] if used else None
+
+
+async def sample_gpu(samples: Samples) -> None:
+    """nvidia-smi every few seconds, unless /metrics already gives GPU memory or there is no nvidia-smi."""
+    if shutil.which("nvidia-smi") is None:
+        return
+    while True:
+        if samples.gpu_source != "metrics":
+            reading = await asyncio.to_thread(nvidia_smi_memory)
+            if reading is not None:
+                samples.gpu_source = "nvidia-smi"
+                samples.gpu_used_mib.append(reading[0])
+                samples.gpu_total_mib = reading[1]
+        await asyncio.sleep(SAMPLE_GPU_EVERY_S)
+
+
+def nvidia_smi_memory() -> tuple[list[float], list[float]] | None:
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used,memory.total", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=10, check=True).stdout
+        rows = [[float(x) for x in line.split(",")] for line in out.strip().splitlines()]
+    except (OSError, subprocess.SubprocessError, ValueError):
+        return None
+    return [r[0] for r in rows], [r[1] for r in rows]
+
+
+async def sample_loop_lag(samples: Samples, every_s: float = 0.1) -> None:
+    """How late this process's event loop wakes up: large values mean the client, not the server, is the limit."""
+    while True:
+        before = time.monotonic()
+        await asyncio.sleep(every_s)
+        samples.loop_lag_s.append(max(0.0, time.monotonic() - before - every_s))
+
+
+# ---- one run of N streams ------------------------------------------------------------------------------------------------
+async def run_load(url: str, streams: int, frames: list[EncodedFrame], config: LoadConfig) -> dict:
+    limits = httpx.Limits(max_connections=2 * streams + 16, max_keepalive_connections=2 * streams + 16)
+    async with httpx.AsyncClient(base_url=url, timeout=30, limits=limits, headers=auth_headers(config.api_key)) as http:
+        before = await scrape(http)
+        samples = Samples()
+        run_start = time.monotonic()
+        helpers = [asyncio.create_task(sample_server(http, samples, run_start)),
+                   asyncio.create_task(sample_gpu(samples)), asyncio.create_task(sample_loop_lag(samples))]
+        try:
+            logs = await asyncio.gather(*(run_stream(i, streams, http, url, frames, config, run_start)
+                                          for i in range(streams)))
+        finally:
+            for helper in helpers:
+                helper.cancel()
+            await asyncio.gather(*helpers, return_exceptions=True)
+        wall = time.monotonic() - run_start
+        after = await scrape(http)
+    return summarize_run(streams, list(logs), samples, before, after, run_start, wall, config)
+
+
+async def scrape(http: httpx.AsyncClient) -> MetricsSnapshot | None:
+    try:
+        return MetricsSnapshot.parse((await http.get("/metrics", timeout=10)).text)
+    except (httpx.HTTPError, ValueError):
+        return None
+
+
+# ---- statistics ---------------------------------------------------------------------------------------------------------
+def distribution(values: list[float]) -> dict:
+    """count, mean, p50/p90/p99 (linear between order statistics), max; None for each number when empty."""
+    ordered = sorted(v for v in values if math.isfinite(v))
+    if not ordered:
+        return {"count": 0, "mean": None, "p50": None, "p90": None, "p99": None, "max": None}
+    return {"count": len(ordered), "mean": _r(sum(ordered) / len(ordered)), "p50": _r(percentile(ordered, 50)),
+            "p90": _r(percentile(ordered, 90)), "p99": _r(percentile(ordered, 99)), "max": _r(ordered[-1])}
+
+
+def percentile(ordered: list[float], q: float) -> float:
+    position = (len(ordered) - 1) * q / 100
+    low = math.floor(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+def rise_over_run(points: list[tuple[float, float]]) -> float | None:
+    """Least-squares slope of y on x times the x span: how much y grew from the start to the end of the run."""
+    if len(points) < 3:
+        return None
+    xs, ys = [p[0] for p in points], [p[1] for p in points]
+    mean_x, mean_y = sum(xs) / len(xs), sum(ys) / len(ys)
+    spread = sum((x - mean_x) ** 2 for x in xs)
+    if spread == 0:
+        return 0.0
+    slope = sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys)) / spread
+    return _r(slope * (max(xs) - min(xs)))
+
+
+def _r(value: float | None) -> float | None:
+    return None if value is None else round(value, 4)
+
+
+# ---- the run's summary -----------------------------------------------------------------------------------------------------
+@dataclass
+class Timings:
+    """Every latency sample of a run, pooled over its streams."""
+
+    decision_server: list[float] = field(default_factory=list)
+    decision_client: list[float] = field(default_factory=list)
+    decision_trend: list[tuple[float, float]] = field(default_factory=list)  # (seconds into the run, server latency)
+    ttft: list[float] = field(default_factory=list)  # decision taken (estimated, see add_response) -> first text
+    ttft_after_event: list[float] = field(default_factory=list)  # decision event received -> first text
+    answer_latency: list[float] = field(default_factory=list)  # closing frame sent -> first answer text
+    itl: list[float] = field(default_factory=list)
+    chunk_gaps: list[float] = field(default_factory=list)
+    tokens_per_s: list[float] = field(default_factory=list)
+    tokens: int = 0
+    triggers: int = 0
+    answered: int = 0
+
+
+def collect_timings(logs: list[StreamLog], run_start: float) -> Timings:
+    timings = Timings()
+    for log in logs:
+        if log.events is None:
+            continue
+        triggers = {}
+        for decision in log.events.decisions:
+            timings.decision_server.append(decision.latency_s)
+            timings.decision_trend.append((decision.received_at - run_start, decision.latency_s))
+            if (closed := log.closing_sent_at(decision.clip)) is not None:
+                timings.decision_client.append(decision.received_at - closed)
+            if decision.respond:
+                triggers[decision.clip] = decision
+        timings.triggers += len(triggers)
+        for response in log.events.responses.values():
+            add_response(timings, response, triggers.get(response.clip), log.closing_sent_at(response.clip))
+    return timings
+
+
+def add_response(timings: Timings, response, trigger, closed_at: float | None) -> None:
+    """The trigger's instant is estimated as closing frame sent + the server's decision latency: a decision
+    event can reach the client late (a busy server loop sends it together with the first chunk), which would
+    make "decision event received -> first chunk" read near zero."""
+    if response.first_at is None:
+        return
+    timings.answered += 1
+    if trigger is not None:
+        timings.ttft_after_event.append(response.first_at - trigger.received_at)
+        decided_at = closed_at + trigger.latency_s if closed_at is not None else trigger.received_at
+        timings.ttft.append(response.first_at - min(decided_at, trigger.received_at))
+    if closed_at is not None:
+        timings.answer_latency.append(response.first_at - closed_at)
+    chunks = response.chunk_at
+    timings.chunk_gaps.extend(b - a for a, b in zip(chunks, chunks[1:]))
+    tokens = response.completion_tokens or 0
+    timings.tokens += tokens
+    if tokens >= 2 and len(chunks) >= 2 and chunks[-1] > chunks[0]:
+        timings.itl.append((chunks[-1] - chunks[0]) / (tokens - 1))
+        timings.tokens_per_s.append((tokens - 1) / (chunks[-1] - chunks[0]))
+
+
+def summarize_run(streams: int, logs: list[StreamLog], samples: Samples, before: MetricsSnapshot | None,
+                  after: MetricsSnapshot | None, run_start: float, wall: float, config: LoadConfig) -> dict:
+    timings = collect_timings(logs, run_start)
+    lags = [lag for log in logs for _, lag in log.push_lag]
+    error_codes: dict[str, int] = {}
+    for log in logs:
+        for error in (log.events.errors if log.events else []):
+            error_codes[str(error.get("code"))] = error_codes.get(str(error.get("code")), 0) + 1
+    summary = {
+        "streams": streams,
+        "wall_s": _r(wall),
+        "frames": {
+            "sent": sum(log.frames_sent for log in logs),
+            "late": sum(log.frames_late for log in logs),
+            "dropped": sum(log.frames_dropped for log in logs),
+            "push_lag_s": distribution(lags),
+            "push_lag_growth_s": rise_over_run([p for log in logs for p in log.push_lag]),
+            "push_rtt_s": distribution([r for log in logs for r in log.push_rtt_s]),
+        },
+        "decisions": {
+            "count": len(timings.decision_server),
+            "respond": timings.triggers,
+            "expected": streams * config.expected_clips,
+            "latency_server_s": distribution(timings.decision_server),
+            "latency_client_s": distribution(timings.decision_client),
+            "latency_growth_s": rise_over_run(timings.decision_trend),
+        },
+        "responses": {
+            "triggers": timings.triggers,
+            "answered": timings.answered,
+            "silent_or_lost": timings.triggers - timings.answered,
+            "ttft_s": distribution(timings.ttft),
+            "ttft_after_decision_event_s": distribution(timings.ttft_after_event),
+            "answer_latency_s": distribution(timings.answer_latency),
+            "itl_s": distribution(timings.itl),
+            "chunk_gap_s": distribution(timings.chunk_gaps),
+            "tokens_per_s_per_answer": distribution(timings.tokens_per_s),
+            "tokens_total": timings.tokens,
+            "tokens_per_s_total": _r(timings.tokens / wall) if wall > 0 else None,
+        },
+        "errors": {"events": error_codes, "failed_streams": [
+            {"stream": log.index, "session": log.session_id, "failure": log.failure} for log in logs if log.failure]},
+        "server_backlog": {
+            "pending_clips": distribution([v for _, v in samples.pending_clips]),
+            "pending_clips_growth": rise_over_run(samples.pending_clips),
+            "reaction_queue_depth": distribution([v for _, v in samples.reaction_queue]),
+            "reactions_running": distribution(samples.running_reactions),
+        },
+        "server_metrics": server_metrics_delta(before, after),
+        "gpu_memory": gpu_memory_summary(samples),
+        "client_loop_lag_s": distribution(samples.loop_lag_s),
+    }
+    summary["realtime"] = judge_realtime(summary, logs, config)
+    return summary
+
+
+def server_metrics_delta(before: MetricsSnapshot | None, after: MetricsSnapshot | None) -> dict | None:
+    """The server's own histograms over this run (bucket estimates) and its reaction outcomes."""
+    if after is None:
+        return None
+    result = {}
+    for key, name in (("decision_latency_s", DECISION_LATENCY), ("perception_latency_s", PERCEPTION_LATENCY),
+                      ("ttft_s", TIME_TO_FIRST_TOKEN), ("reaction_queue_wait_s", QUEUE_WAIT)):
+        histogram = after.histogram(name)
+        result[key] = histogram.minus(before.histogram(name) if before else None).summary() if histogram else None
+    outcomes = {}
+    for name, labels, value in after.samples:
+        if name == "dispider_reactions_total":
+            earlier = before.value(name, **labels) if before else None
+            outcomes[labels.get("outcome", "?")] = int(value - (earlier or 0))
+    result["reactions"] = outcomes
+    return result
+
+
+def gpu_memory_summary(samples: Samples) -> dict | None:
+    if not samples.gpu_used_mib:
+        return None
+    per_gpu = list(zip(*samples.gpu_used_mib))
+    return {"source": samples.gpu_source, "max_used_mib": [max(g) for g in per_gpu],
+            "total_mib": samples.gpu_total_mib}
+
+
+def judge_realtime(summary: dict, logs: list[StreamLog], config: LoadConfig) -> dict:
+    """Real-time or not, with every reason it is not."""
+    reasons, notes = [], []
+    frames, decisions, responses = summary["frames"], summary["decisions"], summary["responses"]
+    if frames["dropped"]:
+        reasons.append(f"{frames['dropped']} frames dropped (pushed over {config.drop_after_s:g} s late)")
+    for label, growth in (("push lag", frames["push_lag_growth_s"]), ("decision latency", decisions["latency_growth_s"])):
+        if growth is not None and growth > config.growth_tolerance_s:
+            reasons.append(f"{label} grew by {growth:.2f} s over the run (backlog)")
+    p99_decision = decisions["latency_client_s"]["p99"]
+    if p99_decision is None:
+        reasons.append("no decisions")
+    elif p99_decision > config.max_p99_decision_s:
+        reasons.append(f"p99 decision latency {p99_decision:.2f} s > {config.max_p99_decision_s:g} s")
+    p99_ttft = responses["ttft_s"]["p99"]
+    if p99_ttft is not None and p99_ttft > config.max_p99_ttft_s:
+        reasons.append(f"p99 time to first token {p99_ttft:.2f} s > {config.max_p99_ttft_s:g} s")
+    if p99_ttft is None:
+        notes.append("no answers to time (start the server with --respond-every N for forced answers)")
+    if decisions["count"] < decisions["expected"]:
+        reasons.append(f"{decisions['expected'] - decisions['count']} clips were never decided")
+    if summary["errors"]["events"] or summary["errors"]["failed_streams"]:
+        reasons.append("errors (see errors)")
+    loop_p99 = summary["client_loop_lag_s"]["p99"]
+    if loop_p99 is not None and loop_p99 > LOOP_LAG_LIMIT_S:
+        notes.append(f"the load generator's own event loop lagged (p99 {loop_p99:.2f} s): results may understate "
+                     "the server; run fewer streams per client process")
+    return {"ok": not reasons, "reasons": reasons, "notes": notes}
+
+
+# ---- frames -------------------------------------------------------------------------------------------------------------------
+def prepare_frames(video: Path | None, frame_size: tuple[int, int], fps: float, quality: int) -> tuple[list[EncodedFrame], str]:
+    """JPEG frames at ``fps`` from ``video`` (default: a generated 64-s video with 4 scenes), encoded once."""
+    if video is None:
+        from dispider_vllm.checkpoint.cache import dispider_home
+        from dispider_vllm.video.synth import make_test_video
+
+        width, height = frame_size
+        video = dispider_home() / "bench" / f"scenes-64s-{width}x{height}.mp4"
+        if not video.is_file():
+            video.parent.mkdir(parents=True, exist_ok=True)
+            partial = video.with_suffix(".partial.mp4")
+            make_test_video(partial, seconds=64, fps=4, scenes=4, size=frame_size)
+            partial.rename(video)
+    frames = [EncodedFrame(f.timestamp, encode_jpeg(f.pixels, quality)) for f in thin(video_file_frames(video), fps)]
+    if not frames:
+        raise StreamClientError(f"{video} has no frames")
+    return frames, str(video)
+
+
+# ---- the command line -------------------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python benchmarks/load_streams.py",
+        description="N concurrent live streams at real-time pace against dispider-serve: decision latency, time "
+                    "to first token, inter-token latency, tokens/s, frames late or dropped, backlog, GPU memory; "
+                    "--sweep finds the largest N that stays real-time. Server arguments go after `--`.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1] if __doc__ else None,
+    )
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--url", help="a running dispider-serve, e.g. http://127.0.0.1:8000")
+    where.add_argument("--start-server", action="store_true",
+                       help="start dispider-serve on loopback with the arguments after `--`, stop it at the end")
+    count = parser.add_mutually_exclusive_group()
+    count.add_argument("--streams", type=int, default=4, metavar="N", help="concurrent streams (default 4)")
+    count.add_argument("--sweep", type=int, nargs="+", metavar="N", help="run each N (ascending) until one is not "
+                                                                         "real-time; report the largest that was")
+    parser.add_argument("--sweep-all", action="store_true", help="with --sweep: run every N even after a failure")
+    parser.add_argument("--duration", type=float, default=120.0, metavar="S", help="video seconds per stream "
+                                                                                     "(default 120)")
+    parser.add_argument("--api-key", default=os.environ.get("DISPIDER_API_KEY"),
+                        help="API key for a server run with --tenants (default $DISPIDER_API_KEY)")
+    parser.add_argument("--respond-every", type=int, metavar="N",
+                        help="with --start-server: the server forces an answer every N clips (random weights "
+                             "decide at random); with --url: only recorded, it must match the server's")
+    parser.add_argument("--max-tokens", type=int, default=32, metavar="N", help="tokens per answer (default 32)")
+    parser.add_argument("--fps", type=float, default=1.0, help="frames pushed per second of video (default 1)")
+    parser.add_argument("--speed", type=float, default=1.0, metavar="X",
+                        help="video seconds per wall second (default 1; more is for smoke tests, not measurements)")
+    parser.add_argument("--stagger", type=float, default=float(CLIP_SECONDS), metavar="S",
+                        help=f"spread stream starts evenly over S seconds (default {CLIP_SECONDS}: one clip; 0: all "
+                             "clips close at once, the worst case)")
+    parser.add_argument("--video", type=Path, help="stream this video (looped) instead of the generated one")
+    parser.add_argument("--frame-size", default="640x360", metavar="WxH",
+                        help="size of the generated video's frames (default 640x360)")
+    parser.add_argument("--drop-after", type=float, default=2.0, metavar="S",
+                        help="drop a frame the client could not push within S s of its time (default 2)")
+    parser.add_argument("--drain-timeout", type=float, default=120.0, metavar="S",
+                        help="after its last frame, wait at most S s for a stream's last answers (default 120)")
+    parser.add_argument("--growth-tolerance", type=float, default=0.5, metavar="S",
+                        help="largest rise of push lag or decision latency over a run that is not a backlog "
+                             "(default 0.5 s)")
+    parser.add_argument("--max-p99-decision", type=float, default=MAX_P99_DECISION_S, metavar="S",
+                        help=f"real-time needs p99 decision latency <= S (default {MAX_P99_DECISION_S:g})")
+    parser.add_argument("--max-p99-ttft", type=float, default=MAX_P99_TTFT_S, metavar="S",
+                        help=f"real-time needs p99 time to first token <= S (default {MAX_P99_TTFT_S:g})")
+    parser.add_argument("--server-start-timeout", type=float, default=900.0, metavar="S")
+    parser.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=True,
+                        help="run one short stream before measuring (default on)")
+    parser.add_argument("--out", type=Path, help="write the JSON report here")
+    return parser
+
+
+def server_log_path() -> Path:
+    from dispider_vllm.checkpoint.cache import dispider_home
+
+    return dispider_home() / "bench" / f"server-{time.strftime('%Y%m%d-%H%M%S')}.log"
+
+
+def split_server_args(argv: list[str]) -> tuple[list[str], list[str]]:
+    if "--" in argv:
+        at = argv.index("--")
+        return argv[:at], argv[at + 1:]
+    return argv, []
+
+
+def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace, server_args: list[str]) -> list[int]:
+    counts = sorted(set(args.sweep)) if args.sweep else [args.streams]
+    if min(counts) < 1:
+        parser.error("stream counts must be >= 1")
+    for flag, value in (("--duration", args.duration), ("--fps", args.fps), ("--speed", args.speed),
+                        ("--drop-after", args.drop_after), ("--drain-timeout", args.drain_timeout)):
+        if not value > 0:
+            parser.error(f"{flag} must be > 0")
+    if args.stagger < 0:
+        parser.error("--stagger must be >= 0")
+    if server_args and not args.start_server:
+        parser.error("arguments after `--` are for --start-server")
+    if args.video is not None and not args.video.is_file():
+        parser.error(f"no such video file: {args.video}")
+    try:
+        width, height = (int(x) for x in args.frame_size.lower().split("x"))
+        if width < 16 or height < 16 or width % 2 or height % 2:
+            raise ValueError
+    except ValueError:
+        parser.error("--frame-size is WIDTHxHEIGHT, even, at least 16x16 (e.g. 640x360)")
+    return counts
+
+
+def server_command_args(args: argparse.Namespace, server_args: list[str], most_streams: int) -> list[str]:
+    extra = list(server_args)
+    if args.respond_every is not None and option_value(extra, "--respond-every") is None:
+        extra += ["--respond-every", str(args.respond_every)]
+    if option_value(extra, "--max-sessions") is None:
+        extra += ["--max-sessions", str(max(64, most_streams + 8))]
+    return extra
+
+
+def raise_open_files_limit(streams: int) -> None:
+    """Two connections per stream: lift the soft limit on open files toward the hard one if needed."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    needed = 4 * streams + 256
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (needed if hard == resource.RLIM_INFINITY else min(needed, hard), hard))
+
+
+def environment() -> dict:
+    gpus = None
+    if shutil.which("nvidia-smi"):
+        try:
+            out = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"],
+                                 capture_output=True, text=True, timeout=10, check=True).stdout
+            gpus = [line.strip() for line in out.strip().splitlines()]
+        except (OSError, subprocess.SubprocessError):
+            gpus = None
+    return {"python": platform.python_version(), "platform": platform.platform(), "cpus": os.cpu_count(),
+            "gpus": gpus}
+
+
+def print_run(run: dict) -> None:
+    d, r, f = run["decisions"], run["responses"], run["frames"]
+    verdict = "REAL-TIME" if run["realtime"]["ok"] else "not real-time: " + "; ".join(run["realtime"]["reasons"])
+    print(f"N={run['streams']:<4} decision p50/p99 {_ms(d['latency_client_s'])} (server {_ms(d['latency_server_s'])}), "
+          f"TTFT {_ms(r['ttft_s'])}, ITL p50 {_fmt(r['itl_s']['p50'])}, {r['answered']}/{r['triggers']} answered, "
+          f"frames late {f['late']} dropped {f['dropped']}  -> {verdict}", flush=True)
+    for note in run["realtime"]["notes"]:
+        print(f"       note: {note}", flush=True)
+
+
+def _ms(dist: dict) -> str:
+    return f"{_fmt(dist['p50'])}/{_fmt(dist['p99'])}"
+
+
+def _fmt(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds:.3f}s"
+
+
+async def warm_up(url: str, frames: list[EncodedFrame], config: LoadConfig) -> None:
+    """One stream of three clips at 16x: the server's first batches and answers are slow, and not what we measure."""
+    print("warming up the server (one short stream) ...", flush=True)
+    quick = LoadConfig(duration_s=3 * CLIP_SECONDS, fps=config.fps, speed=16.0, stagger_s=0.0,
+                       max_tokens=config.max_tokens, drop_after_s=1e9, drain_timeout_s=config.drain_timeout_s,
+                       api_key=config.api_key)
+    async with httpx.AsyncClient(base_url=url, timeout=30, headers=auth_headers(config.api_key)) as http:
+        log = await run_stream(0, 1, http, url, frames, quick, time.monotonic())
+    if log.failure:
+        raise StreamClientError(f"the warm-up stream failed: {log.failure}")
+
+
+async def run_counts(url: str, counts: list[int], frames: list[EncodedFrame], config: LoadConfig,
+                     stop_at_failure: bool, warmup: bool) -> list[dict]:
+    if warmup:
+        await warm_up(url, frames, config)
+    runs = []
+    for streams in counts:
+        print(f"running {streams} streams for {config.duration_s:g} s of video each ...", flush=True)
+        run = await run_load(url, streams, frames, config)
+        print_run(run)
+        runs.append(run)
+        if stop_at_failure and not run["realtime"]["ok"]:
+            break
+    return runs
+
+
+def check_reachable(url: str) -> None:
+    try:
+        health = httpx.get(url + "/health", timeout=10)
+    except httpx.HTTPError as error:
+        raise StreamClientError(f"cannot reach the server at {url}: {error}") from None
+    if health.status_code != 200:
+        raise StreamClientError(f"the server at {url} is not healthy: {health.status_code} {health.text[:200]}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    own, server_args = split_server_args(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(own)
+    counts = check_args(parser, args, server_args)
+    config = LoadConfig(duration_s=args.duration, fps=args.fps, speed=args.speed, stagger_s=args.stagger,
+                        max_tokens=args.max_tokens, drop_after_s=args.drop_after, drain_timeout_s=args.drain_timeout,
+                        growth_tolerance_s=args.growth_tolerance, max_p99_decision_s=args.max_p99_decision,
+                        max_p99_ttft_s=args.max_p99_ttft, api_key=args.api_key)
+    raise_open_files_limit(max(counts))
+    started = time.time()
+    server = None
+    try:
+        frames, video = prepare_frames(args.video, tuple(int(x) for x in args.frame_size.lower().split("x")),
+                                       args.fps, config.jpeg_quality)
+        if args.start_server:
+            server = LocalServer(server_command_args(args, server_args, max(counts)), server_log_path())
+            print(f"starting {' '.join(server.command[1:])} (log {server.log_path}) ...", flush=True)
+            server.start()
+            print(f"server ready in {server.wait_healthy(args.server_start_timeout):.0f} s at {server.url}", flush=True)
+        url = server.url if server else args.url.rstrip("/")
+        check_reachable(url)
+        runs = asyncio.run(run_counts(url, counts, frames, config, stop_at_failure=bool(args.sweep) and not args.sweep_all,
+                                      warmup=args.warmup))
+    except (StreamClientError, ServerStartError) as error:
+        sys.exit(f"load_streams: {error}")
+    except KeyboardInterrupt:
+        sys.exit("load_streams: interrupted")
+    finally:
+        if server is not None:
+            server.stop()
+    report = {
+        "benchmark": "load_streams",
+        "version": REPORT_VERSION,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
+        "config": {**{k: v for k, v in asdict(config).items() if k != "api_key"}, "video": video, "frames_in_loop": len(frames),
+                   "respond_every": args.respond_every, "stream_counts": counts, "warmup": args.warmup},
+        "server": {"url": url, "started_by_benchmark": server is not None,
+                   "args": server.command[3:] if server else None},
+        "environment": environment(),
+        "runs": runs,
+    }
+    if args.sweep:
+        passing = [run["streams"] for run in runs if run["realtime"]["ok"]]
+        first_fail = next((run["streams"] for run in runs if not run["realtime"]["ok"]), None)
+        report["sweep"] = {
+            "max_realtime_streams": max((n for n in passing if first_fail is None or n < first_fail), default=None),
+            "first_not_realtime": first_fail,
+            "criteria": {"max_p99_decision_s": config.max_p99_decision_s, "max_p99_ttft_s": config.max_p99_ttft_s,
+                         "growth_tolerance_s": config.growth_tolerance_s, "frames_dropped": 0},
+        }
+        print(f"largest real-time N: {report['sweep']['max_realtime_streams']}", flush=True)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=1) + "\n")
+        print(f"wrote {args.out}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

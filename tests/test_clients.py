@@ -1,0 +1,220 @@
+"""The clients against the real server (the session-scoped ``dispider_server`` fixture of conftest.py, which
+answers every 2nd clip): ``dispider-stream`` over HTTP and WebSocket, the OpenAI SDK example, and the load
+benchmark's report. Plus the small pure pieces they are built from (no server needed).
+
+Random weights may answer a trigger with silence, so answer counts are checked against the triggers and the
+client's own summary, never fixed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import json
+import math
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from clients.local_server import free_port
+from clients.server_metrics import Histogram, MetricsSnapshot
+from clients.stream_video import (
+    EXIT_BAD_INPUT,
+    EXIT_UNREACHABLE,
+    Pacer,
+    StreamSettings,
+    TimelinePrinter,
+    _parse_sse,
+    main as stream_main,
+    stream_session,
+    thin,
+    video_file_frames,
+    video_time,
+)
+from dispider_vllm.types import Frame
+
+ROOT = Path(__file__).resolve().parents[1]
+CLIP_SECONDS = 16
+LABEL = r"\[(\d\d:\d\d)-(\d\d:\d\d)\]"
+
+
+def load_benchmark_module():
+    spec = importlib.util.spec_from_file_location("load_streams", ROOT / "benchmarks" / "load_streams.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up while being built
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def videos(tmp_path_factory) -> dict[int, Path]:
+    from dispider_vllm.video.synth import make_test_video
+
+    folder = tmp_path_factory.mktemp("client-videos")
+    return {s: make_test_video(folder / f"v{s}.mp4", seconds=s, fps=2, scenes=s // CLIP_SECONDS, seed=s)
+            for s in (32, 64)}
+
+
+def triggered_labels(seconds: int, every: int) -> set[str]:
+    """The ``[mm:ss-mm:ss]`` labels of the clips the server is forced to answer."""
+    return {f"[{video_time(i * CLIP_SECONDS)}-{video_time((i + 1) * CLIP_SECONDS)}]"
+            for i in range(seconds // CLIP_SECONDS) if (i + 1) % every == 0}
+
+
+def run_python(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+# ---- pure pieces ------------------------------------------------------------------------------------------------
+def test_thin_keeps_a_grid_and_skips_gaps():
+    frames = [Frame(t / 4, None) for t in range(12)] + [Frame(10.1, None), Frame(10.3, None), Frame(10.6, None)]
+    assert [f.timestamp for f in thin(iter(frames), 2.0)] == [0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 10.1, 10.6]
+    assert len(list(thin(iter(frames), math.inf))) == len(frames)
+
+
+def test_pacer_and_video_time():
+    async def lags():
+        pacer = Pacer(speed=20.0)
+        return [await pacer.wait_for(t) for t in (0.0, 1.0, 2.0)]
+
+    assert all(0 <= lag < 0.5 for lag in asyncio.run(lags()))
+    assert (video_time(75), video_time(3725), video_time(0.4)) == ("01:15", "1:02:05", "00:00")
+
+
+def test_sse_parser_reads_ids_names_and_skips_keepalives():
+    async def parse(lines):
+        async def source():
+            for line in lines:
+                yield line
+
+        return [item async for item in _parse_sse(source())]
+
+    lines = ["id: 3", "event: decision", 'data: {"clip": 0}', "", ": keep-alive", "", 'data: {"a": 1}', ""]
+    assert asyncio.run(parse(lines)) == [("3", "decision", {"clip": 0}), (None, "message", {"a": 1})]
+
+
+def test_histogram_quantiles_and_deltas():
+    text = "\n".join([
+        "# TYPE x_seconds histogram",
+        'x_seconds_bucket{le="0.1"} 2', 'x_seconds_bucket{le="1.0"} 4', 'x_seconds_bucket{le="+Inf"} 4',
+        "x_seconds_count 4", "x_seconds_sum 1.3", "",
+    ])
+    histogram = MetricsSnapshot.parse(text).histogram("x_seconds")
+    assert histogram.count == 4 and histogram.quantile(0.5) == pytest.approx(0.1)
+    assert histogram.quantile(0.75) == pytest.approx(0.55)
+    empty = histogram.minus(histogram)
+    assert empty.count == 0 and empty.quantile(0.5) is None
+    assert Histogram(((math.inf, 1.0),), 1, 3.0).quantile(0.5) == 0.0
+
+
+def test_benchmark_statistics():
+    bench = load_benchmark_module()
+    spread = bench.distribution([float(v) for v in range(1, 101)])
+    assert spread["count"] == 100 and spread["p50"] == pytest.approx(50.5) and spread["max"] == 100
+    assert bench.distribution([])["p99"] is None
+    assert bench.rise_over_run([(0, 1.0), (10, 2.0), (20, 3.0)]) == pytest.approx(2.0)
+    assert bench.rise_over_run([(0, 1.0), (10, 1.0), (20, 1.0)]) == 0.0
+
+
+def test_stream_client_errors_have_exit_codes(videos, tmp_path):
+    unused = f"http://127.0.0.1:{free_port()}"
+    for argv, code in (([str(tmp_path / "missing.mp4"), "--url", unused], EXIT_BAD_INPUT),
+                       ([str(videos[32]), "--url", unused], EXIT_UNREACHABLE)):
+        with pytest.raises(SystemExit) as exited:
+            stream_main(argv)
+        assert exited.value.code == code, argv
+    if not Path("/dev/video97").exists():
+        with pytest.raises(SystemExit) as exited:
+            stream_main(["--camera", "97", "--url", unused])
+        assert exited.value.code == EXIT_BAD_INPUT
+
+
+# ---- against the server -----------------------------------------------------------------------------------------
+@pytest.mark.timeout(300)
+def test_stream_client_prints_answers_with_video_times(dispider_server, videos):
+    done = run_python("-m", "clients.stream_video", str(videos[64]), "--url", dispider_server.url, "--speed", "8",
+                      "--show-decisions", "--max-tokens", "4", "--question", "What changes?")
+    assert done.returncode == 0, done.stdout + done.stderr
+    lines = done.stdout.splitlines()
+    decisions = [line for line in lines if re.match(LABEL + " decision: ", line)]
+    answers = [line for line in lines if re.match(LABEL + " ", line) and line not in decisions]
+    assert [d[:13] for d in decisions] == ["[00:00-00:16]", "[00:16-00:32]", "[00:32-00:48]", "[00:48-01:04]"]
+    assert ["respond" in d for d in decisions] == [False, True, False, True]
+    summary = re.search(r"session sess-\S+: (\d+) frames, 4 clips, 4 decisions, (\d+) answers \(end_of_stream",
+                        done.stderr)
+    assert summary, done.stderr
+    assert int(summary.group(1)) == 128  # 64 s pushed at the default 2 frames/s
+    # An answer cut by a decision line goes on under its label again: count labels, not lines.
+    assert len({answer[:13] for answer in answers}) == int(summary.group(2)) <= 2
+    for answer in answers:
+        assert answer[:13] in triggered_labels(64, dispider_server.respond_every) and answer[14:].strip()
+
+
+@pytest.mark.timeout(300)
+def test_stream_session_over_websocket(dispider_server, videos, capsys):
+    settings = StreamSettings(url=dispider_server.url, question="And now?", speed=math.inf, via="ws", max_tokens=4)
+    report = asyncio.run(stream_session(settings, video_file_frames(videos[32]), TimelinePrinter()))
+    assert report.ended_normally and not report.errors
+    assert [d.clip for d in report.decisions] == [0, 1] and report.end["clips"] == 2
+    for response in report.responses.values():
+        assert (response.clip, response.start, response.end) == (1, 16, 32) and response.text
+        assert response.finish_reason in ("stop", "length")
+    printed = capsys.readouterr().out
+    assert printed.count("[00:16-00:32] ") == len(report.responses)
+
+
+@pytest.mark.timeout(300)
+def test_openai_sdk_example_runs(dispider_server, videos):
+    done = run_python("clients/chat_example.py", "--base-url", dispider_server.openai_base_url,
+                      "--video", str(videos[32]), "--max-tokens", "4")
+    assert done.returncode == 0, done.stdout + done.stderr
+    *lines, summary = done.stdout.strip().splitlines()
+    found = re.fullmatch(r"-- (\d+) answers, 2 clips decided \(finish reason: (stop|length)\)", summary)
+    assert found, done.stdout
+    answers = [line for line in lines if re.match(LABEL + " ", line)]  # an answer may hold newlines of its own
+    assert len(answers) == int(found.group(1)) <= 1
+    assert all(line.startswith("[00:16-00:32] ") for line in answers)
+
+
+@pytest.mark.timeout(300)
+def test_load_benchmark_report_is_well_formed(dispider_server, tmp_path):
+    out = tmp_path / "load.json"
+    done = run_python("benchmarks/load_streams.py", "--url", dispider_server.url, "--streams", "2",
+                      "--duration", "32", "--speed", "2", "--stagger", "2", "--max-tokens", "4",
+                      "--frame-size", "320x240", "--respond-every", str(dispider_server.respond_every),
+                      "--out", str(out))
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = json.loads(out.read_text())
+    assert {"benchmark", "version", "config", "server", "environment", "runs"} <= set(report)
+    (run,) = report["runs"]
+    assert {"streams", "wall_s", "frames", "decisions", "responses", "errors", "server_backlog", "server_metrics",
+            "gpu_memory", "client_loop_lag_s", "realtime"} <= set(run)
+    assert run["streams"] == 2 and run["frames"]["sent"] + run["frames"]["dropped"] == 64
+    assert run["decisions"]["count"] == run["decisions"]["expected"] == 4
+    assert run["decisions"]["respond"] == 2 and run["responses"]["triggers"] == 2
+    assert not run["errors"]["failed_streams"] and not run["errors"]["events"]
+    for name in ("latency_server_s", "latency_client_s"):
+        assert run["decisions"][name]["count"] == 4
+    for dist in (run["decisions"]["latency_server_s"], run["decisions"]["latency_client_s"], run["frames"]["push_lag_s"],
+                 run["responses"]["ttft_s"], run["responses"]["itl_s"], run["responses"]["tokens_per_s_per_answer"]):
+        assert {"count", "mean", "p50", "p90", "p99", "max"} <= set(dist)
+        if dist["count"]:
+            assert dist["p50"] <= dist["p90"] <= dist["p99"] <= dist["max"]
+    assert run["responses"]["ttft_s"]["count"] == run["responses"]["answered"]
+    assert isinstance(run["realtime"]["ok"], bool) and isinstance(run["realtime"]["reasons"], list)
+    assert run["server_metrics"]["decision_latency_s"]["count"] >= 4
+    assert_numbers_finite(report)
+
+
+def assert_numbers_finite(value, path="report") -> None:
+    if isinstance(value, dict):
+        for key, item in value.items():
+            assert_numbers_finite(item, f"{path}.{key}")
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            assert_numbers_finite(item, f"{path}[{index}]")
+    elif isinstance(value, float):
+        assert math.isfinite(value), path
