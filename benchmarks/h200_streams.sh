@@ -6,7 +6,8 @@
 #   bash benchmarks/h200_streams.sh stop
 #
 # The server forces an answer every 8th clip of each stream (--respond-every 8): random weights would otherwise
-# answer at random. Frames are 320x240 JPEG at 1 fps of video time, paced in real time, 96 s (6 clips) a stream.
+# answer at random. Frames are 320x240 JPEG at 1 fps of video time, paced in real time, 160 s (10 clips) a
+# stream, so each stream gets an answer at its 8th clip.
 set -euo pipefail
 WORK=${WORK:-/tmp/dispider-streams}
 PORT=${PORT:-8000}
@@ -26,7 +27,7 @@ case "${1:-}" in
     tail -50 "$WORK/server.log"; exit 1 ;;
   sweep)
     out=$2; shift 2
-    python3 benchmarks/load_streams.py --url "$URL" --sweep "$@" --duration 96 --stagger 16 \
+    python3 benchmarks/load_streams.py --url "$URL" --sweep "$@" --duration "${DURATION:-160}" --stagger 16 \
       --frame-size 320x240 --drain-timeout 60 --out "$out" ;;
   stop)
     pkill -f "python3 -m serve --checkpoint $WORK/split" || true ;;

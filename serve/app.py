@@ -13,6 +13,10 @@ reaction engine, and stops both at shutdown. Routes (bodies in :mod:`serve.opena
     GET    /v1/sessions/{id}/events        Server-Sent Events: decision, chunk, response_end, error, end
     WS     /v1/sessions/{id}/ws            frames/questions/end in, the same events out
     GET    /v1/models, /health, /metrics, /openapi.json
+
+Every route but /health, /metrics and /openapi.json needs the API key of a tenant when the server runs with a
+tenants file (:mod:`serve.auth`, :mod:`serve.tenants`); a tenant sees only its own sessions, within its quotas
+(:mod:`serve.quotas`), and new streams are admitted up to the server's capacity (:mod:`serve.admission`).
 """
 
 from __future__ import annotations
@@ -27,7 +31,8 @@ from pathlib import Path
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.middleware import Middleware
+from starlette.requests import HTTPConnection, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
@@ -37,6 +42,8 @@ from dispider_vllm.sidecar.client import SidecarClient, SidecarConfig
 from dispider_vllm.types import Frame
 
 from serve import chat
+from serve.admission import Admission
+from serve.auth import TenantAuth, install_log_redaction, tenant_of
 from serve.config import ModelParts, ServerConfig
 from serve.errors import (
     APIError,
@@ -63,6 +70,7 @@ from serve.media import (
 from serve.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from serve.metrics import ServerMetrics
 from serve.openapi import openapi_schema
+from serve.quotas import QuotaBook, TenantUsage
 from serve.sessions import Session, SessionLimits, SessionManager, SessionOptions
 
 log = logging.getLogger("dispider.serve")
@@ -97,6 +105,7 @@ def make_backends(config: ServerConfig, parts: ModelParts) -> Backends:
         tensor_parallel_size=config.tensor_parallel_size,
         enforce_eager=on_cpu if config.enforce_eager is None else config.enforce_eager,
         cpu_kv_cache_gib=config.cpu_kv_cache_gib,
+        scheduling_policy=config.scheduling_policy,
     ))
     return Backends(sidecar, engine)
 
@@ -133,14 +142,20 @@ async def stop_backends(backends: Backends) -> None:
 def build_app(config: ServerConfig, backends: Backends) -> Starlette:
     metrics = ServerMetrics()
     metrics.watch(backends.sidecar.is_alive, backends.engine.is_alive, lambda: backends.sidecar.last_stats)
+    directory = config.tenant_directory()
+    admission = Admission(config.stream_capacity())
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette):
+        install_log_redaction()  # uvicorn has configured its loggers by now
         await start_backends(backends)
         app.state.sessions = SessionManager(
             backends.sidecar, backends.engine, metrics, model=config.served_model_name,
-            limits=SessionLimits(config.max_sessions, config.session_idle_timeout_s, config.event_buffer),
+            limits=SessionLimits(config.session_idle_timeout_s, config.event_buffer), admission=admission,
         )
+        log.info("%s; admitting %d streams at once",
+                 "open mode: no API keys" if directory.open else f"tenants: {', '.join(sorted(directory.tenants))}",
+                 admission.capacity)
         reaper = asyncio.create_task(app.state.sessions.reap_forever())
         log.info("ready: serving %r at %s (OpenAI base URL %s/v1)", config.served_model_name, config.url, config.url)
         try:
@@ -156,8 +171,10 @@ def build_app(config: ServerConfig, backends: Backends) -> Starlette:
         lifespan=lifespan,
         exception_handlers={APIError: api_error_handler, HTTPException: http_error_handler,
                             Exception: internal_error_handler},
+        middleware=[Middleware(TenantAuth, directory=directory, count_error=metrics.count_error)],
     )
     app.state.config = config
+    app.state.quotas = QuotaBook(on_refusal=metrics.count_quota_refusal)
     app.state.backends = backends
     app.state.metrics = metrics
     app.state.started = int(time.time())
@@ -203,8 +220,14 @@ async def openapi_json(request: Request) -> Response:
 
 
 # ---- sessions --------------------------------------------------------------------------------------------------------
-def _session(request: Request) -> Session:
-    return request.app.state.sessions.get(request.path_params["session_id"])
+def usage_of(connection: HTTPConnection) -> TenantUsage:
+    """The quotas of the tenant whose key the request carries."""
+    return connection.app.state.quotas.usage(tenant_of(connection))
+
+
+def _session(connection: HTTPConnection) -> Session:
+    """The session named in the path, if it is the caller's tenant's (else the same 404 as an unknown id)."""
+    return connection.app.state.sessions.get(connection.path_params["session_id"], tenant_of(connection).name)
 
 
 def _accepting(session: Session) -> Session:
@@ -232,7 +255,7 @@ def session_options(body: dict, default_max_tokens: int) -> SessionOptions:
 async def create_session(request: Request) -> Response:
     state = request.app.state
     body = await read_json_object(request, state.config.max_upload_bytes)
-    session = state.sessions.open(session_options(body, state.config.default_max_tokens))
+    session = state.sessions.open(session_options(body, state.config.default_max_tokens), usage_of(request))
     return JSONResponse(session.describe(), status_code=201)
 
 
@@ -249,22 +272,29 @@ async def delete_session(request: Request) -> Response:
 async def push_frames(request: Request) -> Response:
     """An image (``?timestamp=``), JSON ``{"frames": [...]}``, or a video chunk (``?time_offset=``)."""
     session = _accepting(_session(request))
+    usage = usage_of(request)
     max_bytes = request.app.state.config.max_upload_bytes
     kind = media_type(request.headers.get("content-type"))
+    # The frame quota is taken before the decoding: a refused push costs the server nothing more.
     if kind == "application/json":
-        frames = await frames_from_json(await read_json_object(request, max_bytes), max_bytes)
+        body = await read_json_object(request, max_bytes)
+        usage.take_frames(len(body["frames"]) if isinstance(body.get("frames"), list) else 0)
+        frames = await frames_from_json(body, max_bytes)
         session.push_frames(frames)
         accepted = len(frames)
     elif kind.startswith("image/"):
         require_image_type(kind)
         timestamp = _timestamp_param(request, session)
-        pixels = await decode_frame_image(await read_body(request, max_bytes))
+        data = await read_body(request, max_bytes)
+        usage.take_frames(1)
+        pixels = await decode_frame_image(data)
         session.push_frames([Frame(timestamp, pixels)])
         accepted = 1
     elif is_video_type(kind):
         data = await read_body(request, max_bytes)
         info = await probe(data, max_bytes)
         offset = parse_timestamp(request.query_params.get("time_offset", session.last_timestamp or 0.0), "time_offset")
+        usage.take_video_frames(info.duration, info.fps)
         session.push_encoded(data, offset, info.duration)
         accepted = 0
     else:
@@ -322,7 +352,7 @@ async def _sse_events(session: Session, after: int):
 async def session_websocket(websocket: WebSocket) -> None:
     await websocket.accept()
     try:
-        session = websocket.app.state.sessions.get(websocket.path_params["session_id"])
+        session = _session(websocket)
     except APIError as error:
         await websocket.send_json({"event": "error", "data": error.body()})
         await websocket.close(code=4404, reason=error.code)
@@ -351,15 +381,16 @@ async def _send_events(websocket: WebSocket, session: Session) -> None:
 async def _receive_commands(websocket: WebSocket, session: Session) -> None:
     """Client messages until it sends ``end`` (or goes away). A bad message gets an error reply, nothing more."""
     max_bytes = websocket.app.state.config.max_upload_bytes
+    usage = usage_of(websocket)
     while True:
         text = await websocket.receive_text()
         try:
             message = _ws_message(text)
-            if await _apply_ws_message(session, message, max_bytes):
+            if await _apply_ws_message(session, usage, message, max_bytes):
                 return
         except APIError as error:
-            websocket.app.state.metrics.errors.labels(code=error.code).inc()
-            await websocket.send_json({"event": "error", "data": error.body()})
+            websocket.app.state.metrics.count_error(error.code)
+            await websocket.send_json({"event": "error", "data": error.event_data()})
 
 
 def _ws_message(text: str) -> dict:
@@ -372,7 +403,7 @@ def _ws_message(text: str) -> dict:
     return message
 
 
-async def _apply_ws_message(session: Session, message: dict, max_bytes: int) -> bool:
+async def _apply_ws_message(session: Session, usage: TenantUsage, message: dict, max_bytes: int) -> bool:
     """Apply one client message; True when it was ``end``."""
     kind = message.get("type")
     if kind == "end":
@@ -381,6 +412,7 @@ async def _apply_ws_message(session: Session, message: dict, max_bytes: int) -> 
     _accepting(session)
     if kind == "frame":
         timestamp = parse_timestamp(message.get("timestamp"), "timestamp")
+        usage.take_frames(1)
         pixels = await decode_frame_image(decode_base64(message.get("image"), "image", max_bytes), "image")
         session.push_frames([Frame(timestamp, pixels)])
     elif kind == "question":

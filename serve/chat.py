@@ -25,6 +25,7 @@ import anyio
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
+from serve.auth import tenant_of
 from serve.errors import APIError, bad_request
 from serve.media import MediaLimits, iter_video_frames, load_video, probe, read_json_object
 from serve.sessions import (
@@ -84,7 +85,7 @@ def event_payload(session: Session, event: SessionEvent) -> tuple[str, dict]:
                                 "finish_reason": event.finish_reason,
                                 "usage": usage_object(event.prompt_tokens, event.completion_tokens)}
     if isinstance(event, SessionProblem):
-        return "error", event.error.body()
+        return "error", event.error.event_data()
     assert isinstance(event, SessionEnded)
     return "end", {"reason": event.reason, "clips": event.clips, "responses": event.responses,
                    "decisions": event.decisions}
@@ -217,10 +218,14 @@ async def chat_completions(request: Request) -> Response:
     body = await read_json_object(request, config.max_upload_bytes)
     chat = parse_chat_request(body, served_model=config.served_model_name,
                               default_max_tokens=config.default_max_tokens)
+    usage = state.quotas.usage(tenant_of(request))
+    state.sessions.admit(usage)  # refused before the video is fetched, when it would be refused anyway
     limits: MediaLimits = state.media_limits
     data = await load_video(chat.video_url, limits)
-    await probe(data, limits.max_bytes, "video_url.url")
-    session = state.sessions.open(chat.options, public=False)
+    info = await probe(data, limits.max_bytes, "video_url.url")
+    state.sessions.admit(usage)  # again: other streams may have opened meanwhile; no await from here to open
+    usage.take_video_frames(info.duration, info.fps)  # the whole video, paid up front
+    session = state.sessions.open(chat.options, usage, public=False)
     feeder = asyncio.create_task(_play(session, data, chat.realtime), name=f"play-{session.id}")
     if chat.stream:
         return StreamingResponse(_stream_chunks(request, session, feeder, chat),
@@ -302,7 +307,7 @@ class _Tally:
         elif isinstance(event, AnswerEnded):
             self.answers.append(event)
         elif isinstance(event, SessionProblem):
-            if event.source != "reaction":
+            if event.source not in ("reaction", "quota"):
                 return event.error  # the video cannot be played on
             self.reaction_errors.append(event.error.body()["error"])  # one answer lost; the others go on
         return None

@@ -17,12 +17,18 @@ run in a sidecar process, and an OpenAI-compatible API sits in front:
   /v1/sessions...             live sessions: push frames over HTTP or a WebSocket, read events as SSE
   GET  /v1/models, /health, /metrics (Prometheus), /openapi.json
 
-The checkpoint is split into its reaction and perception/decision parts on first use (cached)."""
+The checkpoint is split into its reaction and perception/decision parts on first use (cached).
+
+Tenants: with --tenants FILE every request needs an API key (Authorization: Bearer KEY; a WebSocket may use
+?api_key=KEY) naming its tenant, with the tenant's quotas and priority (file format: `pydoc serve.tenants`);
+/health, /metrics and /openapi.json stay open. Without it the server is open: every request is tenant
+"default". `dispider-serve hash-key [KEY]` prints the hash of a key for the file (a new key when none given)."""
 
 EPILOG = """\
 examples:
   dispider-serve --checkpoint /models/Dispider
   dispider-serve --respond-every 2              # the tiny random test checkpoint, answering every 2nd clip
+  dispider-serve --tenants tenants.toml --capacity-file costs.json --scheduling-policy priority
   curl localhost:8000/v1/chat/completions -H 'content-type: application/json' -d '{"model": "dispider",
     "messages": [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": "https://.../a.mp4"}},
     {"type": "text", "text": "Tell me when the person picks up the cup."}]}]}'"""
@@ -64,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="no compilation or CUDA graphs (default: on for the CPU, off on a GPU)")
     engine.add_argument("--cpu-kv-cache-gib", type=int, default=defaults.cpu_kv_cache_gib, metavar="GIB",
                         help="KV cache size on the CPU, unless VLLM_CPU_KVCACHE_SPACE is set (default 1)")
+    engine.add_argument("--scheduling-policy", choices=["fcfs", "priority"], default=defaults.scheduling_policy,
+                        help="order of waiting reactions: fcfs (default), or priority: by the tenant's priority "
+                             "from the tenants file (lower first), then arrival")
 
     sidecar = parser.add_argument_group("sidecar (perception and decision)")
     sidecar.add_argument("--sidecar-device", default="auto", metavar="DEVICE",
@@ -87,14 +96,24 @@ def build_parser() -> argparse.ArgumentParser:
                           metavar="S",
                           help=f"timeout for fetching http(s) videos (default {defaults.media_fetch_timeout_s:g} s)")
     requests.add_argument("--max-sessions", type=int, default=defaults.max_sessions, metavar="N",
-                          help=f"live sessions and chat streams at once (default {defaults.max_sessions}); "
-                               "more get 429")
+                          help=f"live sessions and chat streams at once, a hard cap (default {defaults.max_sessions}); "
+                               "more get 503")
     requests.add_argument("--session-idle-timeout", type=float, default=defaults.session_idle_timeout_s, metavar="S",
                           help=f"close a live session after S seconds without input or reader "
                                f"(default {defaults.session_idle_timeout_s:g})")
     requests.add_argument("--event-buffer", type=int, default=defaults.event_buffer, metavar="N",
                           help="events kept per session for readers that connect late "
                                f"(default {defaults.event_buffer})")
+    tenancy = parser.add_argument_group("tenants and capacity")
+    tenancy.add_argument("--tenants", metavar="FILE",
+                         help="tenants, their hashed API keys, quotas and priority (TOML or JSON; see `pydoc "
+                              "serve.tenants`); default: open mode, no keys, every request is tenant 'default'")
+    tenancy.add_argument("--capacity-streams", type=int, metavar="N",
+                         help="streams (live sessions + chat completions) the server runs at once without falling "
+                              "behind real time; more get 503 + Retry-After (default: --max-sessions)")
+    tenancy.add_argument("--capacity-file", metavar="FILE",
+                         help="or: a cost file calibrated by the benchmarks (sidecar clips/s, reaction tokens/s, "
+                              "...) from which the capacity is computed (formula: `pydoc serve.admission`)")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                         help="log level (default info)")
     return parser
@@ -112,27 +131,47 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         default_max_tokens=args.default_max_tokens, max_upload_mb=args.max_upload_mb,
         allowed_local_media_path=args.allowed_local_media_path, media_fetch_timeout_s=args.media_fetch_timeout,
         max_sessions=args.max_sessions, session_idle_timeout_s=args.session_idle_timeout,
-        event_buffer=args.event_buffer, log_level=args.log_level,
+        event_buffer=args.event_buffer, scheduling_policy=args.scheduling_policy, tenants_file=args.tenants,
+        capacity_streams=args.capacity_streams, capacity_file=args.capacity_file, log_level=args.log_level,
     )
 
 
-def _check(parser: argparse.ArgumentParser, config: ServerConfig) -> None:
+def _check(parser: argparse.ArgumentParser, config: ServerConfig) -> str:
+    """Refuse bad settings; say which tenancy and capacity the server runs with."""
     positive = {"--max-upload-mb": config.max_upload_mb, "--max-sessions": config.max_sessions,
                 "--default-max-tokens": config.default_max_tokens, "--event-buffer": config.event_buffer,
-                "--respond-every": config.respond_every or 1, "--max-model-len": config.max_model_len}
+                "--respond-every": config.respond_every or 1, "--max-model-len": config.max_model_len,
+                "--capacity-streams": config.capacity_streams or 1}
     for flag, value in positive.items():
         if value < 1:
             parser.error(f"{flag} must be >= 1")
+    try:  # a bad tenants or cost file stops the server here, before the models load
+        directory = config.tenant_directory()
+        capacity = config.stream_capacity()
+    except ValueError as error:
+        parser.error(str(error))
+    tenants = "open mode (no API keys)" if directory.open else f"{len(directory.tenants)} tenants"
+    summary = f"{tenants}; capacity {capacity} streams"
+    if config.scheduling_policy != "priority" and any(t.priority for t in directory.tenants.values()):
+        summary += "; tenant priorities are ignored without --scheduling-policy priority"
+    return summary
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["hash-key"]:  # `dispider-serve hash-key [KEY]`: a key's hash for the tenants file
+        from serve.tenants import main as tenants_main
+
+        tenants_main(argv)
+        return
     parser = build_parser()
     config = config_from_args(parser.parse_args(argv))
-    _check(parser, config)
+    tenancy = _check(parser, config)
     logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
     log = logging.getLogger("dispider.serve")
-    log.info("dispider-serve starting: checkpoint %s", config.checkpoint or "(tiny random test checkpoint)")
+    log.info("dispider-serve starting: checkpoint %s; %s", config.checkpoint or "(tiny random test checkpoint)",
+             tenancy)
     parts = resolve_model_parts(config)
     log.info("reaction part %s; perception/decision part %s", parts.reaction_dir, parts.perception_decision_dir)
 

@@ -28,6 +28,7 @@ class ServerConfig:
     tensor_parallel_size: int = 1
     enforce_eager: bool | None = None  # None: on for the CPU (no compilation), off on a GPU
     cpu_kv_cache_gib: int = 1
+    scheduling_policy: str = "fcfs"  # "priority": reactions are ordered by their tenant's priority
     # sidecar (perception + decision)
     sidecar_device: str = "auto"
     sidecar_threads: int | None = None
@@ -41,11 +42,27 @@ class ServerConfig:
     max_sessions: int = 64
     session_idle_timeout_s: float = 600.0
     event_buffer: int = 4096
+    # tenants and capacity (serve.tenants, serve.quotas, serve.admission)
+    tenants_file: str | None = None  # None: open mode, every request is the tenant "default"
+    capacity_streams: int | None = None  # streams admitted at once (besides max_sessions)
+    capacity_file: str | None = None  # or a cost file, calibrated by the benchmarks
     log_level: str = "info"
 
     @property
     def max_upload_bytes(self) -> int:
         return self.max_upload_mb << 20
+
+    def tenant_directory(self):
+        """The tenants and their keys (raises TenantsFileError); open without a tenants file."""
+        from serve.tenants import TenantDirectory, load_tenants
+
+        return load_tenants(self.tenants_file) if self.tenants_file else TenantDirectory()
+
+    def stream_capacity(self) -> int:
+        """Streams admitted at once (raises ValueError on a bad cost file)."""
+        from serve.admission import capacity_streams
+
+        return capacity_streams(self.max_sessions, self.capacity_streams, self.capacity_file)
 
     @property
     def url(self) -> str:

@@ -7,6 +7,7 @@ the session streams turn it into an ``error`` event. Nothing about a bad request
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 
 from starlette.requests import Request
@@ -34,19 +35,42 @@ class APIError(Exception):
     message: str
     code: str
     param: str | None = None
+    retry_after_s: float | None = None  # sent as Retry-After (whole seconds, at least 1)
+    error_type: str | None = None  # instead of the status's usual type
 
     def __post_init__(self) -> None:
         super().__init__(self.message)
 
     @property
     def type(self) -> str:
+        if self.error_type:
+            return self.error_type
         return ERROR_TYPES.get(self.status, "invalid_request_error" if self.status < 500 else "server_error")
+
+    @property
+    def retry_after(self) -> int | None:
+        return None if self.retry_after_s is None else max(1, math.ceil(self.retry_after_s))
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
+    def event_data(self) -> dict:
+        """The body as an ``error`` event carries it: with ``retry_after`` (seconds) where a header would say it."""
+        body = self.body()
+        if self.retry_after is not None:
+            body["retry_after"] = self.retry_after
+        return body
+
+    def headers(self) -> dict[str, str]:
+        headers = {}
+        if self.retry_after is not None:
+            headers["Retry-After"] = str(self.retry_after)
+        if self.status == 401:
+            headers["WWW-Authenticate"] = "Bearer"
+        return headers
+
     def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status)
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers())
 
 
 def bad_request(message: str, code: str = "invalid_request", param: str | None = None) -> APIError:
@@ -59,6 +83,19 @@ def unsupported_media(message: str, code: str = "unsupported_media_type", param:
 
 def too_large(limit_bytes: int, param: str | None = None) -> APIError:
     return APIError(413, f"the upload is over the limit of {limit_bytes // (1 << 20)} MiB", "payload_too_large", param)
+
+
+def unauthorized(message: str, code: str) -> APIError:
+    return APIError(401, message, code)
+
+
+def rate_limited(message: str, code: str, retry_after_s: float) -> APIError:
+    return APIError(429, message, code, retry_after_s=retry_after_s)
+
+
+def overloaded(message: str, retry_after_s: float) -> APIError:
+    """The server is at capacity: a new stream would make the running ones fall behind real time."""
+    return APIError(503, message, "server_at_capacity", retry_after_s=retry_after_s, error_type="server_overloaded")
 
 
 async def api_error_handler(request: Request, error: Exception) -> JSONResponse:

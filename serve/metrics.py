@@ -1,7 +1,8 @@
 """Prometheus metrics of the server, in their own registry (``GET /metrics``, text format).
 
 Counters and histograms are updated where things happen; the gauges that describe the other processes
-(sidecar, engine) are read when the metrics are scraped.
+(sidecar, engine) are read when the metrics are scraped. A label names a tenant at most (its name from the
+tenants file), never a key, a question or a session: ``/metrics`` is open.
 """
 
 from __future__ import annotations
@@ -62,6 +63,32 @@ class ServerMetrics:
         )
         self.running_reactions = Gauge("dispider_reactions_running", "Reactions being generated", registry=r)
         self.errors = Counter("dispider_errors_total", "Errors returned or streamed, by code", ["code"], registry=r)
+        # -- tenants
+        self.quota_rejections = Counter(
+            "dispider_quota_rejections_total", "Requests refused (429) or answers skipped over a tenant's quota "
+            "(quota: sessions, frames, tokens)", ["tenant", "quota"], registry=r,
+        )
+        self.admission_rejections = Counter(
+            "dispider_admission_rejections_total", "New streams refused (503) because the server runs its capacity",
+            ["tenant"], registry=r,
+        )
+        self.tenant_reaction_tokens = Counter(
+            "dispider_tenant_reaction_tokens_total", "Reaction tokens generated, by tenant", ["tenant"], registry=r
+        )
+        self.tenant_decision_latency = Histogram(
+            "dispider_tenant_decision_latency_seconds", "Clip's last frame received -> decision taken, by tenant",
+            ["tenant"], buckets=LATENCY_BUCKETS, registry=r,
+        )
+
+    def count_error(self, code: str) -> None:
+        self.errors.labels(code=code).inc()
+
+    def count_quota_refusal(self, tenant: str, quota: str) -> None:
+        self.quota_rejections.labels(tenant=tenant, quota=quota).inc()
+
+    def watch_tenants(self, sessions_by_tenant: Callable[[], dict[str, int]], capacity: int) -> None:
+        """Report each tenant's open streams, and the server's capacity, when scraped."""
+        self.registry.register(_TenantCollector(sessions_by_tenant, capacity))
 
     def watch(self, sidecar_alive: Callable[[], bool], engine_alive: Callable[[], bool], sidecar_stats) -> None:
         """Report the health and queues of the sidecar and the engine when scraped."""
@@ -93,3 +120,18 @@ class _ProcessCollector(Collector):
         yield CounterMetricFamily("dispider_sidecar_frames", "Frames the sidecar took in", value=stats.frames_total)
         yield CounterMetricFamily("dispider_sidecar_clips", "Clips the sidecar perceived", value=stats.clips_total)
         yield CounterMetricFamily("dispider_sidecar_batches", "Perception batches run", value=stats.batches_total)
+
+
+class _TenantCollector(Collector):
+    def __init__(self, sessions_by_tenant: Callable[[], dict[str, int]], capacity: int) -> None:
+        self._sessions_by_tenant = sessions_by_tenant
+        self._capacity = capacity
+
+    def collect(self) -> Iterator:
+        yield GaugeMetricFamily("dispider_capacity_streams", "Streams the server admits at once", value=self._capacity)
+        by_tenant = GaugeMetricFamily(
+            "dispider_tenant_active_sessions", "Open live sessions and chat completions, by tenant", labels=["tenant"]
+        )
+        for tenant, count in sorted(self._sessions_by_tenant().items()):
+            by_tenant.add_metric([tenant], count)
+        yield by_tenant

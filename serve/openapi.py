@@ -1,4 +1,8 @@
-"""``GET /openapi.json``: the OpenAPI 3.1 description of every route, written out by hand."""
+"""``GET /openapi.json``: the OpenAPI 3.1 description of every route, written out by hand.
+
+Every operation needs a tenant's API key (bearer) unless it says ``security: []`` (``/health``, ``/metrics``,
+``/openapi.json``); a server run without a tenants file takes any key or none.
+"""
 
 from __future__ import annotations
 
@@ -24,8 +28,28 @@ def _reply(description: str, schema: dict | None = None, media: str = JSON) -> d
     return reply
 
 
+ERROR_MEANINGS = {
+    401: "No API key, or one the server does not know (code missing_api_key / invalid_api_key)",
+    429: "Over a quota of the tenant (type rate_limit_error; code too_many_sessions, frame_rate_exceeded); "
+         "Retry-After says when to try again",
+    503: "The server runs its capacity of streams (type server_overloaded, code server_at_capacity); running "
+         "streams are untouched. Retry-After says when to try again",
+}
+RETRY_AFTER = {"Retry-After": {"description": "Seconds to wait before trying again", "schema": {"type": "integer"}}}
+
+
 def _errors(*statuses: int) -> dict:
-    return {str(s): _reply("An OpenAI-style error", _ref("Error")) for s in statuses}
+    """Error replies; every authenticated operation may also answer 401."""
+    replies = {}
+    for status in sorted({*statuses, 401}):
+        reply = _reply(ERROR_MEANINGS.get(status, "An OpenAI-style error"), _ref("Error"))
+        if status in (429, 503):
+            reply["headers"] = RETRY_AFTER
+        replies[str(status)] = reply
+    return replies
+
+
+OPEN = {"security": []}  # no API key needed
 
 
 SESSION_ID = {"name": "session_id", "in": "path", "required": True, "schema": {"type": "string"}}
@@ -83,6 +107,8 @@ def _schemas(model: str) -> dict:
             "id": string, "object": {"const": "session"}, "created": integer, "model": string,
             "status": {"enum": ["active", "ending", "ended", "closed"]}, "question": string,
             "frames": integer, "clips": integer, "decisions": integer, "responses": integer,
+            "skipped_answers": {"type": "integer", "description": "Triggers left unanswered: the tenant was over "
+                                "its reaction tokens per minute"},
             "last_timestamp": {"type": ["number", "null"]}, "events_url": string, "websocket_url": string}},
         "Frames": {"type": "object", "required": ["frames"], "properties": {"frames": {"type": "array", "items": {
             "type": "object", "required": ["timestamp", "image"],
@@ -96,8 +122,9 @@ def _schemas(model: str) -> dict:
             "Server-Sent Events, each with an `id:` (send Last-Event-ID to resume): `decision` "
             "{clip, start, end, logit, respond, latency_s, question_id}; `chunk` (a chat.completion.chunk with "
             "the dispider extension); `response_end` {response, clip, start, end, text, finish_reason, usage}; "
-            "`error` (an OpenAI error object); `end` {reason, clips, responses, decisions}. Events produced "
-            "before a reader connects are buffered.")},
+            "`error` (an OpenAI error object; with `retry_after` when a quota refused, e.g. code "
+            "token_quota_exceeded: an answer skipped, the session goes on); `end` {reason, clips, responses, "
+            "decisions}. Events produced before a reader connects are buffered.")},
     }
 
 
@@ -115,17 +142,19 @@ def _paths() -> dict:
             "responses": {"200": {"description": "A completion, or a stream of chunks when stream is true",
                                   "content": {JSON: {"schema": _ref("ChatCompletion")},
                                               SSE: {"schema": _ref("ChatCompletionChunk")}}},
-                          **_errors(400, 404, 413, 415, 429)}}},
+                          **_errors(400, 404, 413, 415, 429, 503)}}},
         "/v1/sessions": {"post": {"summary": "Open a live session", "requestBody": _body(_ref("SessionCreate")),
-                                  "responses": {"201": _reply("The session", _ref("Session")), **_errors(400, 429)}}},
+                                  "responses": {"201": _reply("The session", _ref("Session")),
+                                                **_errors(400, 429, 503)}}},
         "/v1/sessions/{session_id}": {
-            "get": _session_op("A session's state", {"200": _reply("The session", _ref("Session")), **_errors(404)}),
+            "get": _session_op("A session's state (another tenant's session answers 404, as an unknown one)",
+                               {"200": _reply("The session", _ref("Session")), **_errors(404)}),
             "delete": _session_op("Close a session now (running answers are aborted)",
                                   {"200": _reply("Deleted", {"type": "object"}), **_errors(404)}),
         },
         "/v1/sessions/{session_id}/frames": {"post": _session_op(
             "Push frames: one image (?timestamp= seconds), JSON frames, or an encoded video chunk (?time_offset=)",
-            {"202": _reply("Accepted", _ref("FramesAccepted")), **_errors(400, 404, 409, 413, 415)},
+            {"202": _reply("Accepted", _ref("FramesAccepted")), **_errors(400, 404, 409, 413, 415, 429)},
             body=image_body,
             parameters=[{"name": "timestamp", "in": "query", "schema": {"type": "number"}},
                         {"name": "time_offset", "in": "query", "schema": {"type": "number"}}],
@@ -142,18 +171,23 @@ def _paths() -> dict:
             parameters=[{"name": "Last-Event-ID", "in": "header", "schema": {"type": "integer"}}])},
         "/v1/sessions/{session_id}/ws": {"get": _session_op(
             "WebSocket. Client sends {type: frame, timestamp, image (base64)}, {type: question, text}, {type: end}; "
-            "the server sends {event, id, data} with the same events as the SSE stream",
-            {"101": _reply("Switching protocols")})},
+            "the server sends {event, id, data} with the same events as the SSE stream. The API key comes in the "
+            "handshake's Authorization header or as ?api_key=; without a valid one the server sends an error "
+            "event and closes with 4401 (an unknown or other tenant's session: 4404)",
+            {"101": _reply("Switching protocols")},
+            parameters=[{"name": "api_key", "in": "query", "schema": {"type": "string"},
+                         "description": "The API key, for clients that cannot set headers"}])},
         "/v1/models": {"get": {"summary": "The served model",
-                               "responses": {"200": _reply("A list", {"type": "object"})}}},
+                               "responses": {"200": _reply("A list", {"type": "object"}), **_errors()}}},
         "/v1/models/{model}": {"get": {"summary": "One model", "parameters": [
             {"name": "model", "in": "path", "required": True, "schema": {"type": "string"}}],
             "responses": {"200": _reply("The model", {"type": "object"}), **_errors(404)}}},
-        "/health": {"get": {"summary": "Sidecar and engine alive", "responses": {
+        "/health": {"get": {"summary": "Sidecar and engine alive (no API key needed)", **OPEN, "responses": {
             "200": _reply("Healthy", {"type": "object"}), "503": _reply("Unhealthy", {"type": "object"})}}},
-        "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {
+        "/metrics": {"get": {"summary": "Prometheus metrics (no API key needed)", **OPEN, "responses": {
             "200": _reply("Text format", {"type": "string"}, "text/plain")}}},
-        "/openapi.json": {"get": {"summary": "This description", "responses": {"200": _reply("OpenAPI 3.1")}}},
+        "/openapi.json": {"get": {"summary": "This description (no API key needed)", **OPEN,
+                                  "responses": {"200": _reply("OpenAPI 3.1")}}},
     }
 
 
@@ -163,5 +197,9 @@ def openapi_schema(model: str) -> dict:
         "info": {"title": "dispider-vllm", "version": __version__,
                  "description": "Dispider, a proactive streaming video LLM, behind an OpenAI-compatible API"},
         "paths": _paths(),
-        "components": {"schemas": _schemas(model)},
+        "components": {"schemas": _schemas(model), "securitySchemes": {"apiKey": {
+            "type": "http", "scheme": "bearer",
+            "description": "A tenant's API key (Authorization: Bearer KEY), as the OpenAI SDK sends it. A server "
+                           "run without --tenants is open: any key or none"}}},
+        "security": [{"apiKey": []}],
     }

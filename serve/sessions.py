@@ -9,11 +9,16 @@ Asynchrony as the paper means it: a session runs two tasks.
 
 Everything a session produces goes into its :class:`EventLog`, a bounded buffer that readers (SSE, WebSocket,
 a chat completion) follow from any point: events produced before a reader connects are not lost.
+
+Every session belongs to the tenant that opened it: to any other tenant it does not exist (the same 404 as an
+unknown id). Opening one is checked against the tenant's quotas (429) and the server's capacity (503), and each
+answer against the tenant's token budget (:mod:`serve.quotas`, :mod:`serve.admission`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 import uuid
@@ -39,8 +44,10 @@ from dispider_vllm.sidecar.protocol import (
 )
 from dispider_vllm.types import DecisionEvent, Frame
 
+from serve.admission import Admission
 from serve.errors import APIError
 from serve.metrics import ServerMetrics
+from serve.quotas import TenantUsage
 
 log = logging.getLogger("dispider.serve.sessions")
 
@@ -58,12 +65,11 @@ class SessionOptions:
     temperature: float = 0.0  # greedy, as the paper generates
     stop: tuple[str, ...] = ()
     include_previous_answers: bool = True  # the paper: the k-th answer sees the k-1 before it
-    priority: int = 0
+    priority: int = 0  # the tenant's, for vLLM's priority scheduling (lower first)
 
 
 @dataclass(frozen=True)
 class SessionLimits:
-    max_sessions: int = 64
     idle_timeout_s: float = 600.0
     event_buffer: int = 4096
 
@@ -113,7 +119,8 @@ class AnswerEnded:
 @dataclass(frozen=True)
 class SessionProblem:
     """An error for one session. ``source`` says whose: "stream" (the video or frames, from the sidecar),
-    "media" (the server could not read the video), or "reaction" (one answer failed; the session goes on)."""
+    "media" (the server could not read the video), "reaction" (one answer failed; the session goes on), or
+    "quota" (one answer skipped: the tenant is over its token budget; the session goes on)."""
 
     error: APIError
     source: str
@@ -187,11 +194,13 @@ class Session:
         sidecar: SidecarClient,
         engine: ReactionEngine,
         metrics: ServerMetrics,
+        usage: TenantUsage,
         model: str,
         public: bool,
         event_buffer: int,
     ) -> None:
         self.id = session_id
+        self.tenant = usage.name
         self.options = options
         self.question = options.question
         self.model = model
@@ -201,10 +210,11 @@ class Session:
         self.status = "active"  # -> "ending" (end requested) -> "ended"; or "closed" when deleted
         self.events = EventLog(event_buffer)
         self.frames = self.clips = self.decisions = self.responses = 0
+        self.skipped_answers = 0  # triggers not answered: the tenant was over its token budget
         self.last_timestamp: float | None = None
         self.last_activity = time.monotonic()
         self.readers = 0
-        self._sidecar, self._engine, self._metrics = sidecar, engine, metrics
+        self._sidecar, self._engine, self._metrics, self._usage = sidecar, engine, metrics, usage
         self._answers: dict[int, list[str]] = {}  # question id -> the answers given to it
         self._triggers: asyncio.Queue = asyncio.Queue()
         self._reacting = False
@@ -215,7 +225,7 @@ class Session:
     def start(self) -> None:
         events = self._sidecar.subscribe(self.id)
         stream_options = StreamOptions(clip_mode=self.options.clip_mode)
-        self._sidecar.send(OpenStream(self.id, self.options.question, stream_options))
+        self._sidecar.send(OpenStream(self.id, self.options.question, stream_options, tenant=self.tenant))
         self._stream_open = True
         self._tasks = [
             asyncio.create_task(self._pump(events), name=f"pump-{self.id}"),
@@ -317,6 +327,7 @@ class Session:
         self.decisions += 1
         self._metrics.decisions.labels(respond=str(respond).lower()).inc()
         self._metrics.decision_latency.observe(latency_s)
+        self._metrics.tenant_decision_latency.labels(tenant=self.tenant).observe(latency_s)
         self._emit(DecisionMade(event, latency_s, respond))
 
     def _queue_trigger(self, triggered: Triggered) -> None:
@@ -335,6 +346,13 @@ class Session:
         self._emit(SessionEnded(item.reason, self.clips, self.responses, self.decisions))
 
     async def _react(self, triggered: Triggered) -> None:
+        try:
+            self._usage.check_answer()
+        except APIError as refusal:  # over the tenant's token budget: skip this answer, tell the session
+            self.skipped_answers += 1
+            self._metrics.reactions.labels(outcome="skipped").inc()
+            self._emit(SessionProblem(refusal, "quota"))
+            return
         trigger = triggered.trigger
         span = ClipSpan.of(trigger.event)
         earlier = self._answers.setdefault(trigger.event.question_id, [])
@@ -353,6 +371,8 @@ class Session:
                 priority=self.options.priority,
             )
             async for delta in deltas:
+                self._spend(delta.num_tokens - answer.tokens_spent)
+                answer.tokens_spent = delta.num_tokens
                 if delta.text:
                     self._answer_text(answer, delta.text)
                 if delta.finished:
@@ -374,6 +394,12 @@ class Session:
             self._metrics.reactions.labels(outcome=outcome).inc()
         if answer.response is not None:
             self._answer_done(answer, earlier)
+
+    def _spend(self, tokens: int) -> None:
+        """Tokens count against the tenant's budget as they are generated, so an aborted answer counts too."""
+        if tokens > 0:
+            self._usage.spend_tokens(tokens)
+            self._metrics.tenant_reaction_tokens.labels(tenant=self.tenant).inc(tokens)
 
     def _answer_text(self, answer: _Answer, text: str) -> None:
         if answer.response is None:
@@ -420,6 +446,7 @@ class Session:
             "clips": self.clips,
             "decisions": self.decisions,
             "responses": self.responses,
+            "skipped_answers": self.skipped_answers,
             "last_timestamp": self.last_timestamp,
             "events_url": f"/v1/sessions/{self.id}/events",
             "websocket_url": f"/v1/sessions/{self.id}/ws",
@@ -449,6 +476,7 @@ class _Answer:
         self.parts: list[str] = []
         self.finish_reason = "stop"
         self.prompt_tokens = self.completion_tokens = 0
+        self.tokens_spent = 0  # generated tokens already counted against the tenant's budget
 
     def finish(self, delta) -> None:
         self.finish_reason = delta.finish_reason or "stop"
@@ -459,36 +487,58 @@ class _Answer:
 class SessionManager:
     def __init__(
         self, sidecar: SidecarClient, engine: ReactionEngine, metrics: ServerMetrics, *, model: str,
-        limits: SessionLimits,
+        limits: SessionLimits, admission: Admission,
     ) -> None:
         self._sidecar, self._engine, self._metrics = sidecar, engine, metrics
         self.model = model
         self.limits = limits
+        self.admission = admission
         self._sessions: dict[str, Session] = {}
         self._ended_at: dict[str, float] = {}
         metrics.active_sessions.set_function(self.count_active)
+        metrics.watch_tenants(self.count_by_tenant, admission.capacity)
+
+    def _running(self) -> list[Session]:
+        return [session for session in self._sessions.values() if session.status in ("active", "ending")]
 
     def count_active(self) -> int:
-        return sum(1 for session in self._sessions.values() if session.status in ("active", "ending"))
+        return len(self._running())
 
-    def open(self, options: SessionOptions, *, public: bool = True) -> Session:
-        if self.count_active() >= self.limits.max_sessions:
-            raise APIError(429, f"the server runs its maximum of {self.limits.max_sessions} streams; try later",
-                           "too_many_sessions")
+    def count_by_tenant(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for session in self._running():
+            counts[session.tenant] = counts.get(session.tenant, 0) + 1
+        return counts
+
+    def admit(self, usage: TenantUsage) -> None:
+        """Raise unless the tenant may open one more stream: its own quota (429), then the server's capacity (503).
+        Running streams are never touched."""
+        usage.check_sessions(self.count_by_tenant().get(usage.name, 0))
+        try:
+            self.admission.admit(self.count_active())
+        except APIError:
+            self._metrics.admission_rejections.labels(tenant=usage.name).inc()
+            raise
+
+    def open(self, options: SessionOptions, usage: TenantUsage, *, public: bool = True) -> Session:
+        self.admit(usage)
         prefix = "sess" if public else "chat"
         session = Session(
-            f"{prefix}-{uuid.uuid4().hex[:24]}", options, sidecar=self._sidecar, engine=self._engine,
-            metrics=self._metrics, model=self.model, public=public, event_buffer=self.limits.event_buffer,
+            f"{prefix}-{uuid.uuid4().hex[:24]}", dataclasses.replace(options, priority=usage.priority),
+            sidecar=self._sidecar, engine=self._engine, metrics=self._metrics, usage=usage, model=self.model,
+            public=public, event_buffer=self.limits.event_buffer,
         )
         self._sessions[session.id] = session
         session.start()
-        log.info("%s %s opened: %r", "session" if public else "chat stream", session.id, options.question[:80])
+        log.info("%s %s opened for tenant %s: %r", "session" if public else "chat stream", session.id, usage.name,
+                 options.question[:80])
         return session
 
-    def get(self, session_id: str) -> Session:
-        """A public session; 404 when unknown or deleted."""
+    def get(self, session_id: str, tenant: str) -> Session:
+        """A public session of this tenant; 404 when unknown, deleted, or another tenant's (the very same reply,
+        so ids of other tenants cannot be probed)."""
         session = self._sessions.get(session_id)
-        if session is None or not session.public:
+        if session is None or not session.public or session.tenant != tenant:
             raise APIError(404, f"no session {session_id!r} (unknown, deleted or expired)", "session_not_found")
         session.last_activity = time.monotonic()
         return session

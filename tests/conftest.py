@@ -4,6 +4,8 @@ takes a minute or two to start, so a test session starts each at most once.
 - ``default_checkpoint``: the tiny random Dispider checkpoint and its split (made on first use, cached).
 - ``dispider_server``: ``dispider-serve`` as a subprocess on 127.0.0.1 (real sidecar, real vLLM CPU engine),
   answering every 2nd clip (``--respond-every 2``, since random weights decide at random).
+
+``launch_server`` starts one with other options (tests/test_tenancy.py runs its own, with tenants).
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,22 +54,30 @@ class ServerHandle:
 
 @pytest.fixture(scope="session")
 def dispider_server(default_checkpoint, tmp_path_factory) -> ServerHandle:
-    workdir = tmp_path_factory.mktemp("dispider-server")
+    with launch_server(default_checkpoint, tmp_path_factory.mktemp("dispider-server")) as handle:
+        yield handle
+
+
+@contextmanager
+def launch_server(checkpoint, workdir: Path, extra_args: Sequence[str] = (), *, respond_every: int = 2,
+                  max_upload_mb: int = 2) -> Iterator[ServerHandle]:
+    """``dispider-serve`` on a free loopback port, healthy, stopped on exit; its log in ``workdir``."""
     media_dir = workdir / "media"
     media_dir.mkdir()
     handle = ServerHandle(
         url=f"http://127.0.0.1:{_free_port()}", media_dir=media_dir, log_file=workdir / "server.log",
-        max_upload_mb=2, respond_every=2,
+        max_upload_mb=max_upload_mb, respond_every=respond_every,
     )
     command = [
         sys.executable, "-m", "serve",
-        "--checkpoint", str(default_checkpoint.checkpoint_dir),
+        "--checkpoint", str(checkpoint.checkpoint_dir),
         "--port", handle.url.rsplit(":", 1)[1],
         "--respond-every", str(handle.respond_every),
         "--default-max-tokens", "8",
         "--max-upload-mb", str(handle.max_upload_mb),
         "--allowed-local-media-path", str(media_dir),
         "--max-model-len", "8192",
+        *extra_args,
     ]
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "PYTHONUNBUFFERED": "1"}
     with open(handle.log_file, "wb") as log:

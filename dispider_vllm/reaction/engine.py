@@ -88,6 +88,7 @@ class ReactionEngine:
     def __init__(self, config: ReactionEngineConfig) -> None:
         self.config = config
         self.token_ids = ReactionTokenIds.from_model_dir(config.model_dir)
+        self._spellable_ids = _spellable_ids_with_dummy_weights(config.model_dir)
         self._llm = None
 
     # -- lifecycle ----------------------------------------------------------------------------------------
@@ -139,6 +140,7 @@ class ReactionEngine:
             stop_token_ids=[self.token_ids.im_end] if self.token_ids.im_end is not None else None,
             skip_special_tokens=True,
             output_kind=RequestOutputKind.DELTA,
+            allowed_token_ids=self._spellable_ids,
         )
 
     async def respond(
@@ -201,6 +203,20 @@ def bundle_name(trigger: Trigger) -> str:
     event = trigger.event
     clips = ",".join(map(str, trigger.retrieved))
     return f"{event.stream_id}/q{event.question_id}/c{event.clip_index}/r{clips}/t{trigger.bundle.global_memory.shape[0]}"
+
+
+def _spellable_ids_with_dummy_weights(model_dir: str) -> list[int] | None:
+    """With dummy weights over the real 152k vocabulary and the small stand-in tokenizer, nearly every sampled id
+    would decode to nothing, so every answer would count as silent; a benchmark then limits sampling to the ids
+    the tokenizer can spell (never ``<keep_silent>``). Real checkpoints sample freely (None)."""
+    if not _has_dummy_weights(model_dir):
+        return None
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    special = set(tokenizer.all_special_ids)
+    return [i for i in range(min(len(tokenizer), config["vocab_size"])) if i not in special]
 
 
 def _has_dummy_weights(model_dir: str) -> bool:

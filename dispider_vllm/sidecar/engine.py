@@ -1,7 +1,9 @@
 """The sidecar engine: perception and decision for every live stream, batched, never waiting on a reaction.
 
 One ``step`` takes the clips that closed since the last step from all streams (fairly: round-robin over
-tenants, then over each tenant's streams, up to ``max_batch_clips``), runs them through the CLIP tower and the
+tenants, least recently served first, then over each tenant's streams, up to ``max_batch_clips``; so with at
+least as many clips per batch as tenants, every tenant with a closed clip has one in the next batch, however
+many streams the others run), runs them through the CLIP tower and the
 compact model's first pass as one batch, then decides every stream's new clips in one batched decision pass.
 Frames are sampled and assembled into clips as they arrive (``handle``), so a step only sees whole clips.
 """
@@ -102,6 +104,8 @@ class SidecarEngine:
         self.decision = DecisionEngine(modules, decision_config or DecisionConfig(), force_respond=respond_policy)
         self.max_batch_clips = max_batch_clips
         self.streams: OrderedDict[str, StreamState] = OrderedDict()
+        self._turn = 0
+        self._last_turn: dict[str, int] = {}  # tenant -> the turn its last clip was taken in
         self.frames_total = 0
         self.clips_total = 0
         self.batches_total = 0
@@ -225,10 +229,15 @@ class SidecarEngine:
 
     def _take_fair_batch(self) -> list[tuple[StreamState, PendingClip]]:
         """Round-robin over tenants, then over each tenant's streams: one clip per turn, oldest first."""
-        by_tenant: OrderedDict[str, deque[StreamState]] = OrderedDict()
+        ready: dict[str, deque[StreamState]] = {}
         for stream in self.streams.values():
             if stream.ready:
-                by_tenant.setdefault(stream.tenant, deque()).append(stream)
+                ready.setdefault(stream.tenant, deque()).append(stream)
+        # Least recently served tenants first: when a batch holds fewer clips than there are tenants, the
+        # tenants left out go first next time, whatever their number of streams.
+        by_tenant = OrderedDict(
+            (tenant, ready[tenant]) for tenant in sorted(ready, key=lambda t: self._last_turn.get(t, -1))
+        )
         batch: list[tuple[StreamState, PendingClip]] = []
         while by_tenant and len(batch) < self.max_batch_clips:
             for tenant in list(by_tenant):
@@ -243,6 +252,8 @@ class SidecarEngine:
                     break
         # Streams served this time go to the back, so the next batch starts with the others.
         for stream, _ in batch:
+            self._turn += 1
+            self._last_turn[stream.tenant] = self._turn
             if stream.stream_id in self.streams:
                 self.streams.move_to_end(stream.stream_id)
         return batch
