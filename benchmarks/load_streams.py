@@ -662,6 +662,14 @@ def raise_open_files_limit(streams: int) -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (needed if hard == resource.RLIM_INFINITY else min(needed, hard), hard))
 
 
+def device_label() -> str:
+    """The GPU the server ran on (same machine), else the CPU."""
+    gpus = environment()["gpus"]
+    if gpus:
+        return gpus[0].split(",")[0].strip()
+    return f"CPU ({platform.machine()}, {os.cpu_count()} cores)"
+
+
 def environment() -> dict:
     gpus = None
     if shutil.which("nvidia-smi"):
@@ -763,6 +771,7 @@ def main(argv: list[str] | None = None) -> None:
     report = {
         "benchmark": "load_streams",
         "version": REPORT_VERSION,
+        "device": device_label(),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
         "config": {**{k: v for k, v in asdict(config).items() if k != "api_key"}, "video": video, "frames_in_loop": len(frames),
                    "respond_every": args.respond_every, "stream_counts": counts, "warmup": args.warmup},
