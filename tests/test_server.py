@@ -19,6 +19,7 @@ import openai
 import pytest
 from PIL import Image
 
+from sse_reader import EventReader
 from dispider_vllm.video.synth import make_test_frames, make_test_video
 
 pytestmark = pytest.mark.timeout(900)
@@ -89,42 +90,6 @@ def assert_error(response: httpx.Response, status: int, code: str) -> dict:
 def expected_triggers(seconds: int, every: int) -> int:
     clips = seconds // CLIP_SECONDS
     return sum(1 for i in range(clips) if (i + 1) % every == 0)
-
-
-class EventReader(threading.Thread):
-    """Reads a session's SSE stream in a thread, stamping each event with its arrival time."""
-
-    def __init__(self, url: str) -> None:
-        super().__init__(daemon=True)
-        self.url = url
-        self.events: list[tuple[float, str, dict]] = []
-        self.connected = threading.Event()
-        self.error: BaseException | None = None
-
-    def run(self) -> None:
-        try:
-            with httpx.stream("GET", self.url, timeout=httpx.Timeout(10, read=300)) as response:
-                assert response.status_code == 200, response.read()
-                self.connected.set()
-                name = None
-                for line in response.iter_lines():
-                    if line.startswith("event: "):
-                        name = line[len("event: "):]
-                    elif line.startswith("data: "):
-                        self.events.append((time.monotonic(), name, json.loads(line[len("data: "):])))
-                        if name == "end":
-                            return
-        except BaseException as error:  # noqa: BLE001 - reported by the test
-            self.error = error
-            self.connected.set()
-
-    def named(self, name: str) -> list[dict]:
-        return [data for _, n, data in self.events if n == name]
-
-    def finish(self, timeout: float = 300) -> None:
-        self.join(timeout)
-        assert not self.is_alive(), "the event stream did not end"
-        assert self.error is None, repr(self.error)
 
 
 def answers_from_events(events: list[dict]) -> dict[int, str]:

@@ -15,7 +15,6 @@ import base64
 import io
 import json
 import logging
-import threading
 import time
 from pathlib import Path
 
@@ -25,6 +24,7 @@ import pytest
 from PIL import Image
 
 from conftest import launch_server
+from sse_reader import EventReader
 from dispider_vllm.video.synth import make_test_frames, make_test_video
 from serve.admission import Admission, StreamCosts, capacity_streams, load_cost_file
 from serve.auth import RedactApiKeys, presented_key
@@ -449,42 +449,11 @@ def metric(http, prefix: str) -> float:
     return sum(float(line.rsplit(" ", 1)[1]) for line in lines)
 
 
-class Events(threading.Thread):
-    """A session's SSE stream read in a thread: (arrival time, event name, data)."""
-
-    def __init__(self, server, tenant: str, session: dict) -> None:
-        super().__init__(daemon=True)
-        self.url, self.headers = server.url + session["events_url"], auth(tenant)
-        self.events: list[tuple[float, str, dict]] = []
-        self.error: BaseException | None = None
-        self.start()
-
-    def run(self) -> None:
-        try:
-            with httpx.stream("GET", self.url, headers=self.headers, timeout=httpx.Timeout(10, read=300)) as reply:
-                assert reply.status_code == 200, reply.read()
-                name = None
-                for line in reply.iter_lines():
-                    if line.startswith("event: "):
-                        name = line[len("event: "):]
-                    elif line.startswith("data: "):
-                        self.events.append((time.monotonic(), name, json.loads(line[len("data: "):])))
-                        if name == "end":
-                            return
-        except BaseException as error:  # noqa: BLE001 - reported by the test
-            self.error = error
-
-    def named(self, name: str) -> list[dict]:
-        return [data for _, n, data in list(self.events) if n == name]
-
-    def wait_for(self, name: str, count: int, timeout: float = 120) -> list[dict]:
-        deadline = time.monotonic() + timeout
-        while len(self.named(name)) < count and time.monotonic() < deadline and self.error is None:
-            time.sleep(0.05)
-        assert self.error is None, repr(self.error)
-        found = self.named(name)
-        assert len(found) >= count, f"{len(found)} {name} events of {count} in {timeout} s: {self.events[-3:]}"
-        return found
+def Events(server, tenant: str, session: dict) -> EventReader:  # noqa: N802 - reads like the class it makes
+    """A started reader of one tenant's session events."""
+    reader = EventReader(server.url + session["events_url"], headers=auth(tenant))
+    reader.start()
+    return reader
 
 
 # ---- keys ----------------------------------------------------------------------------------------------------------
