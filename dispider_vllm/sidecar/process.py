@@ -13,12 +13,16 @@ import torch
 
 from dispider_vllm.sidecar.client import SidecarConfig
 from dispider_vllm.sidecar.engine import decode_push
-from dispider_vllm.sidecar.protocol import PushEncoded, Shutdown, SidecarReady, SidecarStats, StreamError
+from dispider_vllm.sidecar.protocol import PushEncoded, PushFrames, Shutdown, SidecarReady, SidecarStats, StreamError
 
 log = logging.getLogger("dispider.sidecar")
 STATS_INTERVAL_S = 1.0
 IDLE_WAIT_S = 0.02
 MAX_COMMANDS_PER_TURN = 4096
+# A decoded upload is handed to the engine a few pieces per turn, with a batched step in between, so assembling
+# one tenant's long video cannot hold up the clips of live streams that arrive meanwhile.
+DECODED_FRAMES_PER_PIECE = 32
+DECODED_PIECES_PER_TURN = 2
 
 
 def run_sidecar(config: SidecarConfig, commands, events) -> None:
@@ -80,7 +84,8 @@ class VideoDecoder:
     def _work(self) -> None:
         while True:
             command = self._jobs.get()
-            self.ready.put(decode_push(command) if isinstance(command, PushEncoded) else command)
+            for piece in _pieces(decode_push(command)) if isinstance(command, PushEncoded) else [command]:
+                self.ready.put(piece)
             with self._lock:
                 self._pending[command.stream_id] -= 1
                 if not self._pending[command.stream_id]:
@@ -100,7 +105,7 @@ def _serve(engine, commands, events) -> None:
                 continue
             for event in _safely(engine.handle, command):
                 events.put(event)
-        for decoded in _drain(decoder.ready, block=False):
+        for decoded in _drain(decoder.ready, block=False, limit=DECODED_PIECES_PER_TURN):
             for event in [decoded] if isinstance(decoded, StreamError) else _safely(engine.handle, decoded):
                 events.put(event)
         if engine.has_work():
@@ -112,12 +117,24 @@ def _serve(engine, commands, events) -> None:
             events.put(_stats(engine))
 
 
-def _drain(commands, *, block: bool) -> list:
-    """Everything queued now; when idle, wait briefly for the first command instead of spinning."""
+def _pieces(decoded):
+    """A decoded chunk as pushes of at most DECODED_FRAMES_PER_PIECE frames; the end of stream rides on the last."""
+    if not isinstance(decoded, PushFrames) or len(decoded.frames) <= DECODED_FRAMES_PER_PIECE:
+        return [decoded]
+    starts = range(0, len(decoded.frames), DECODED_FRAMES_PER_PIECE)
+    return [
+        PushFrames(decoded.stream_id, decoded.frames[i : i + DECODED_FRAMES_PER_PIECE],
+                   decoded.end_of_stream and i == starts[-1], decoded.received_at)
+        for i in starts
+    ]
+
+
+def _drain(commands, *, block: bool, limit: int = MAX_COMMANDS_PER_TURN) -> list:
+    """What is queued now, up to ``limit``; when idle, wait briefly for the first command instead of spinning."""
     drained = []
     try:
         drained.append(commands.get(timeout=IDLE_WAIT_S) if block else commands.get_nowait())
-        while len(drained) < MAX_COMMANDS_PER_TURN:
+        while len(drained) < limit:
             drained.append(commands.get_nowait())
     except queue.Empty:
         pass
