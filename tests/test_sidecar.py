@@ -7,6 +7,7 @@ through ``SidecarClient``.
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,7 @@ from dispider_vllm.sidecar.protocol import (
     CloseStream,
     Decision,
     OpenStream,
+    PushEncoded,
     PushFrames,
     StreamEnded,
     StreamError,
@@ -209,3 +211,28 @@ def test_real_sidecar_process(part_dir, frames):
         decided = [e for e in events if isinstance(e, (Decision, Triggered))]
         assert all(_sid(e) == sid for e in decided)  # each stream sees only its own events
         assert any(isinstance(e, Triggered) for e in decided)
+
+
+def test_decoder_keeps_each_streams_order_and_serves_uploads_side_by_side(tmp_path):
+    """Two long uploads advance in turn (not one after the other); a stream's later command waits behind its upload."""
+    from dispider_vllm.sidecar.process import DECODED_FRAMES_PER_PIECE, VideoDecoder
+
+    seconds = 3 * DECODED_FRAMES_PER_PIECE
+    video = make_test_video(tmp_path / "long.mp4", seconds=seconds, fps=1, size=(64, 48), seed=3).read_bytes()
+    decoder = VideoDecoder()
+    for stream_id in ("a", "b"):
+        decoder.submit(PushEncoded(stream_id, video, time_offset=0.0))
+    assert decoder.takes(AskQuestion("a", "and now?"))
+    decoder.submit(AskQuestion("a", "and now?"))
+
+    deadline = time.monotonic() + 60
+    while decoder.decoding() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    handed = decoder.take(100)
+    assert not decoder.has_ready()
+    assert [command.stream_id for command in handed] == ["a", "b", "a", "b", "a", "b", "a"]  # in turn
+    a_commands = [command for command in handed if command.stream_id == "a"]
+    assert isinstance(a_commands[-1], AskQuestion)  # behind a's whole upload
+    a_times = [frame.timestamp for command in a_commands[:-1] for frame in command.frames]
+    assert a_times == sorted(a_times) and len(a_times) == seconds
+    assert not decoder.takes(AskQuestion("a", "later"))  # nothing of a's left: straight to the engine

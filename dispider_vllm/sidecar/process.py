@@ -7,6 +7,7 @@ import queue
 import threading
 import time
 import traceback
+from collections import OrderedDict, deque
 from pathlib import Path
 
 import torch
@@ -22,7 +23,7 @@ MAX_COMMANDS_PER_TURN = 4096
 # A decoded upload is handed to the engine a few pieces per turn, with a batched step in between, so assembling
 # one tenant's long video cannot hold up the clips of live streams that arrive meanwhile.
 DECODED_FRAMES_PER_PIECE = 32
-DECODED_PIECES_PER_TURN = 2
+DECODED_PIECES_PER_TURN = 4
 
 
 def run_sidecar(config: SidecarConfig, commands, events) -> None:
@@ -58,35 +59,57 @@ def _build_engine(config: SidecarConfig):
 class VideoDecoder:
     """Decodes ``PushEncoded`` chunks on a thread, so a long upload does not stall the other streams' clips.
 
-    A stream's later commands wait in the same FIFO while one of its chunks is being decoded, so its frames,
-    questions and end stay in the order they were sent.
+    A stream's later commands wait behind its chunk while it is being decoded, so its frames, questions and end
+    stay in the order they were sent. Decoded pieces are handed out round-robin over streams: several long
+    uploads advance side by side instead of one after the other.
     """
 
     def __init__(self) -> None:
         self._jobs: queue.Queue = queue.Queue()
-        self.ready: queue.Queue = queue.Queue()  # commands (and errors) to hand to the engine, in order
+        self._ready: OrderedDict[str, deque] = OrderedDict()  # stream id -> its commands (and errors), in order
         self._pending: dict[str, int] = {}
         self._lock = threading.Lock()
         threading.Thread(target=self._work, name="sidecar-decoder", daemon=True).start()
 
     def takes(self, command) -> bool:
-        """Whether this command must go through the decoder's FIFO."""
+        """Whether this command must go through the decoder (an upload, or anything queued behind one)."""
         if isinstance(command, PushEncoded):
             return True
+        stream_id = getattr(command, "stream_id", None)
         with self._lock:
-            return self._pending.get(getattr(command, "stream_id", None), 0) > 0
+            return self._pending.get(stream_id, 0) > 0 or stream_id in self._ready
 
     def submit(self, command) -> None:
         with self._lock:
             self._pending[command.stream_id] = self._pending.get(command.stream_id, 0) + 1
         self._jobs.put(command)
 
+    def decoding(self) -> bool:
+        """Whether some upload (or a command behind one) is still being decoded."""
+        with self._lock:
+            return bool(self._pending)
+
+    def has_ready(self) -> bool:
+        with self._lock:
+            return bool(self._ready)
+
+    def take(self, limit: int) -> list:
+        """Up to ``limit`` ready commands, one per stream in turn; a served stream goes to the back of the line."""
+        taken = []
+        with self._lock:
+            while self._ready and len(taken) < limit:
+                stream_id, pieces = self._ready.popitem(last=False)
+                taken.append(pieces.popleft())
+                if pieces:
+                    self._ready[stream_id] = pieces
+        return taken
+
     def _work(self) -> None:
         while True:
             command = self._jobs.get()
-            for piece in _pieces(decode_push(command)) if isinstance(command, PushEncoded) else [command]:
-                self.ready.put(piece)
+            pieces = _pieces(decode_push(command)) if isinstance(command, PushEncoded) else [command]
             with self._lock:
+                self._ready.setdefault(command.stream_id, deque()).extend(pieces)
                 self._pending[command.stream_id] -= 1
                 if not self._pending[command.stream_id]:
                     del self._pending[command.stream_id]
@@ -96,7 +119,7 @@ def _serve(engine, commands, events) -> None:
     decoder = VideoDecoder()
     last_stats = 0.0
     while True:
-        idle = not engine.has_work() and decoder.ready.empty()
+        idle = not engine.has_work() and not decoder.has_ready()
         for command in _drain(commands, block=idle):
             if isinstance(command, Shutdown):
                 return
@@ -105,7 +128,7 @@ def _serve(engine, commands, events) -> None:
                 continue
             for event in _safely(engine.handle, command):
                 events.put(event)
-        for decoded in _drain(decoder.ready, block=False, limit=DECODED_PIECES_PER_TURN):
+        for decoded in decoder.take(DECODED_PIECES_PER_TURN):
             for event in [decoded] if isinstance(decoded, StreamError) else _safely(engine.handle, decoded):
                 events.put(event)
         if engine.has_work():
