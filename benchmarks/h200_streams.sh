@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # Live-stream sweep on one GPU: the real server with real model shapes (dummy weights) and the load generator.
 #
-#   bash benchmarks/h200_streams.sh start              # shapes-only split + dispider-serve in the background
-#   bash benchmarks/h200_streams.sh sweep OUT.json 64 128 256
+#   bash benchmarks/h200_streams.sh start [SERVER ARGS]  # shapes-only split + dispider-serve in the background
+#   bash benchmarks/h200_streams.sh sweep OUT.json 1 64 128 256
 #   bash benchmarks/h200_streams.sh stop
+#   bash benchmarks/h200_streams.sh start --blocking-reaction   # the blocking baseline, same sweep after it
 #
-# The server forces an answer every 8th clip of each stream (--respond-every 8): random weights would otherwise
-# answer at random. Frames are 320x240 JPEG at 1 fps of video time, paced in real time, 160 s (10 clips) a
-# stream, so each stream gets an answer at its 8th clip.
+# Random weights decide at random, so the server forces answers: each clip answers with probability 1/8
+# (--respond-probability 0.125), independently per stream, as independent cameras would. (--respond-every 8 makes
+# streams started within one clip all answer in the same 16 s, a burst of N reactions every 128 s; RESPOND=...
+# overrides.) Frames are 320x240 JPEG at 1 fps of video time, paced in real time, DURATION s (default 160) a stream.
 set -euo pipefail
 WORK=${WORK:-/tmp/dispider-streams}
 PORT=${PORT:-8000}
@@ -16,9 +18,11 @@ mkdir -p "$WORK"
 
 case "${1:-}" in
   start)
-    python3 -m dispider_vllm.checkpoint.dummy "$WORK/split" --shapes real
-    setsid nohup python3 -m serve --checkpoint "$WORK/split" --port "$PORT" --respond-every 8 \
-      --max-sessions 2048 --gpu-memory-utilization 0.55 --max-batch-clips 64 --default-max-tokens 64 \
+    shift
+    [ -d "$WORK/split" ] || python3 -m dispider_vllm.checkpoint.dummy "$WORK/split" --shapes real
+    # shellcheck disable=SC2086
+    setsid nohup python3 -m serve --checkpoint "$WORK/split" --port "$PORT" ${RESPOND:---respond-probability 0.125} \
+      --max-sessions 2048 --gpu-memory-utilization 0.55 --max-batch-clips 64 --default-max-tokens 64 "$@" \
       > "$WORK/server.log" 2>&1 < /dev/null &
     for _ in $(seq 600); do
       if curl -sf "$URL/health" > /dev/null; then echo "server up at $URL"; exit 0; fi
@@ -32,5 +36,5 @@ case "${1:-}" in
   stop)
     pkill -f "python3 -m serve --checkpoint $WORK/split" || true ;;
   *)
-    sed -n 2,9p "$0"; exit 2 ;;
+    sed -n 2,12p "$0"; exit 2 ;;
 esac

@@ -89,6 +89,8 @@ def run_ours(modules, pixels, args, device) -> dict:
         if round_index >= warmup:
             timings.append(elapsed)
         print(f"[sidecar-bench] ours: round {round_index}: {args.streams} clips in {elapsed:.3f} s", flush=True)
+    if args.profile:
+        profile_steps(engine, pixels, args, device)
     clips = args.streams * args.rounds
     seconds = sum(timings)
     result = {
@@ -108,6 +110,26 @@ def run_ours(modules, pixels, args, device) -> dict:
     if device.type == "cuda":
         result["gpu_peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
     return result
+
+
+def profile_steps(engine, pixels, args, device) -> None:
+    """One more round under torch.profiler: where a batched step's time goes (kernels and host ops)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    now = time.time()
+    for stream in engine.streams.values():
+        stream.ready.append(PendingClip(make_clip(10_000, pixels), now))
+        stream.clips_closed += 1
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities, record_shapes=False) as prof:
+        while engine.has_work():
+            engine.step()
+        sync(device)
+    args.profile.parent.mkdir(parents=True, exist_ok=True)
+    sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    tables = [prof.key_averages().table(sort_by=key, row_limit=40) for key in (sort, "cpu_time_total")]
+    args.profile.write_text("\n\n".join(tables))
+    print(f"[sidecar-bench] profile of one round written to {args.profile}", flush=True)
 
 
 # ----------------------------------------------------------------------------------------------- reference-style
@@ -218,6 +240,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kept-clips", type=int, default=16,
                         help="clips per stream kept for retrieval (raw is 8 MB a clip in host memory; default 16)")
     parser.add_argument("--measure-preprocess", action="store_true")
+    parser.add_argument("--profile", type=Path, metavar="FILE",
+                        help="after the measured rounds, profile one more round and write the op tables here")
     args = parser.parse_args(argv)
 
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")

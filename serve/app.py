@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,6 +71,7 @@ from serve.media import (
 from serve.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from serve.metrics import ServerMetrics
 from serve.openapi import openapi_schema
+from serve.placement import Placement, host_placement
 from serve.quotas import QuotaBook, TenantUsage
 from serve.sessions import Session, SessionLimits, SessionManager, SessionOptions
 
@@ -83,37 +85,34 @@ KEEPALIVE_S = 15.0
 class Backends:
     sidecar: SidecarClient
     engine: ReactionEngine
+    placement: Placement
 
 
 def make_backends(config: ServerConfig, parts: ModelParts) -> Backends:
-    on_cpu = _runs_on_cpu()
-    sidecar_device = config.sidecar_device if config.sidecar_device != "auto" else ("cpu" if on_cpu else "cuda")
+    placement = host_placement(config)  # serve.placement: which GPUs the reaction takes, where the sidecar goes
+    on_cpu = placement.platform == "cpu"
+    log.info("placement: %s", placement.describe())
     sidecar = SidecarClient(SidecarConfig(
         part_dir=str(parts.perception_decision_dir),
-        device=sidecar_device,
-        dtype="float32" if sidecar_device == "cpu" else "bfloat16",
+        device=placement.sidecar_device,
+        dtype="float32" if placement.sidecar_device == "cpu" else "bfloat16",
         max_batch_clips=config.max_batch_clips,
         respond_every=config.respond_every,
-        threads=config.sidecar_threads,
+        respond_probability=config.respond_probability,
+        threads=placement.sidecar_threads,
     ))
     engine = ReactionEngine(ReactionEngineConfig(
         model_dir=str(parts.reaction_dir),
         dtype=config.dtype if config.dtype != "auto" else ("float32" if on_cpu else "auto"),
         max_model_len=config.max_model_len,
         max_num_seqs=config.max_num_seqs,
-        gpu_memory_utilization=config.gpu_memory_utilization,
-        tensor_parallel_size=config.tensor_parallel_size,
+        gpu_memory_utilization=placement.gpu_memory_utilization,
+        tensor_parallel_size=placement.tensor_parallel_size,
         enforce_eager=on_cpu if config.enforce_eager is None else config.enforce_eager,
         cpu_kv_cache_gib=config.cpu_kv_cache_gib,
         scheduling_policy=config.scheduling_policy,
     ))
-    return Backends(sidecar, engine)
-
-
-def _runs_on_cpu() -> bool:
-    from vllm.platforms import current_platform
-
-    return current_platform.is_cpu()
+    return Backends(sidecar, engine, placement)
 
 
 async def start_backends(backends: Backends) -> None:
@@ -207,7 +206,8 @@ async def health(request: Request) -> Response:
     backends: Backends = request.app.state.backends
     sidecar, engine = backends.sidecar.is_alive(), backends.engine.is_alive()
     status = "ok" if sidecar and engine else "unhealthy"
-    body = {"status": status, "sidecar": sidecar, "engine": engine}
+    body = {"status": status, "sidecar": sidecar, "engine": engine,
+            "placement": {**backends.placement.describe(), "server_pid": os.getpid(), "sidecar_pid": backends.sidecar.pid}}
     return JSONResponse(body, status_code=200 if status == "ok" else 503)
 
 
@@ -243,19 +243,30 @@ def _question(body: dict, name: str = "question") -> str:
     return question.strip()
 
 
-def session_options(body: dict, default_max_tokens: int) -> SessionOptions:
-    """``{question, clip_mode?, max_tokens?, temperature?, stop?, include_previous_answers?}``, read as in chat."""
+def session_options(body: dict, config: ServerConfig) -> SessionOptions:
+    """``{question, clip_mode?, max_tokens?, temperature?, stop?, include_previous_answers?, blocking_reaction?}``,
+    read as in chat."""
     return SessionOptions(
         question=_question(body),
         clip_mode=chat.parse_clip_mode(body.get("clip_mode")),
-        **chat.generation_fields(body, default_max_tokens),
+        blocking_reaction=_blocking_reaction(body.get("blocking_reaction"), config.blocking_reaction),
+        **chat.generation_fields(body, config.default_max_tokens),
     )
+
+
+def _blocking_reaction(value: object, default: bool) -> bool:
+    """The benchmark baseline (``--blocking-reaction`` by default): input waits while the session answers."""
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise bad_request("'blocking_reaction' must be true or false", "invalid_parameter", "blocking_reaction")
+    return value
 
 
 async def create_session(request: Request) -> Response:
     state = request.app.state
     body = await read_json_object(request, state.config.max_upload_bytes)
-    session = state.sessions.open(session_options(body, state.config.default_max_tokens), usage_of(request))
+    session = state.sessions.open(session_options(body, state.config), usage_of(request))
     return JSONResponse(session.describe(), status_code=201)
 
 

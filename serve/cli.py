@@ -7,6 +7,7 @@ import logging
 import sys
 
 from serve.config import DEFAULT_MODEL_NAME, ServerConfig, resolve_model_parts
+from serve.placement import PlacementError, host_placement
 
 DESCRIPTION = """\
 Serve Dispider, a proactive streaming video LLM: the reaction model runs on vLLM, perception and decision
@@ -62,10 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"longest reaction prompt + answer in tokens (default {defaults.max_model_len}; a "
                              "streaming answer's prompt is about 4,400)")
     engine.add_argument("--max-num-seqs", type=int, metavar="N", help="answers generated at once (vLLM's default)")
-    engine.add_argument("--gpu-memory-utilization", type=float, default=defaults.gpu_memory_utilization,
-                        metavar="F", help=f"share of GPU memory for vLLM; the sidecar shares the GPU "
-                                          f"(default {defaults.gpu_memory_utilization})")
-    engine.add_argument("--tensor-parallel-size", type=int, default=1, metavar="N", help="GPUs for the reaction model")
+    engine.add_argument("--gpu-memory-utilization", type=float, metavar="F",
+                        help="share of each of its GPUs vLLM may take (default: 0.75 of a GPU the sidecar shares, "
+                             "0.9 of one it does not)")
+    engine.add_argument("--tensor-parallel-size", type=int, default=1, metavar="N",
+                        help="GPUs for the reaction model (vLLM tensor parallelism over GPUs 0..N-1; default 1)")
     engine.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=None,
                         help="no compilation or CUDA graphs (default: on for the CPU, off on a GPU)")
     engine.add_argument("--cpu-kv-cache-gib", type=int, default=defaults.cpu_kv_cache_gib, metavar="GIB",
@@ -76,13 +78,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     sidecar = parser.add_argument_group("sidecar (perception and decision)")
     sidecar.add_argument("--sidecar-device", default="auto", metavar="DEVICE",
-                         help="cpu, cuda, cuda:1 ... (default: cuda if vLLM runs on a GPU, else cpu)")
-    sidecar.add_argument("--sidecar-threads", type=int, metavar="N", help="torch CPU threads in the sidecar")
+                         help="auto, cpu, cuda, cuda:N (default auto: the first GPU the reaction does not use, "
+                              "else GPU 0, shared; the CPU on the CPU build)")
+    sidecar.add_argument("--sidecar-threads", type=int, metavar="N",
+                         help="torch CPU threads in the sidecar (default: 4 on a GPU host, all cores on the CPU)")
     sidecar.add_argument("--max-batch-clips", type=int, default=defaults.max_batch_clips, metavar="N",
                          help=f"clips of all streams perceived in one batch (default {defaults.max_batch_clips})")
-    sidecar.add_argument("--respond-every", type=int, metavar="N",
-                         help="for load tests and demos with random weights: force an answer every N clips instead "
-                              "of the model's own decision")
+    forced = sidecar.add_mutually_exclusive_group()
+    forced.add_argument("--respond-every", type=int, metavar="N",
+                        help="for load tests and demos with random weights: force an answer every N clips instead "
+                             "of the model's own decision")
+    forced.add_argument("--respond-probability", type=float, metavar="P",
+                        help="or answer each clip with probability P, independently per stream (seeded by stream and "
+                             "clip): streams started together do not all answer at the same clip, as real ones would "
+                             "not")
 
     requests = parser.add_argument_group("requests and sessions")
     requests.add_argument("--default-max-tokens", type=int, default=defaults.default_max_tokens, metavar="N",
@@ -104,6 +113,11 @@ def build_parser() -> argparse.ArgumentParser:
     requests.add_argument("--event-buffer", type=int, default=defaults.event_buffer, metavar="N",
                           help="events kept per session for readers that connect late "
                                f"(default {defaults.event_buffer})")
+    requests.add_argument("--blocking-reaction", action="store_true",
+                          help="a baseline for benchmarks: the reaction holds the session's perception and decision "
+                               "while it answers, as VideoLLM-online does (frames wait in the server until the "
+                               "answer ends); the default for live sessions, which may set \"blocking_reaction\" "
+                               "themselves (default off)")
     tenancy = parser.add_argument_group("tenants and capacity")
     tenancy.add_argument("--tenants", metavar="FILE",
                          help="tenants, their hashed API keys, quotas and priority (TOML or JSON; see `pydoc "
@@ -128,16 +142,18 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         enforce_eager=args.enforce_eager, cpu_kv_cache_gib=args.cpu_kv_cache_gib,
         sidecar_device=args.sidecar_device, sidecar_threads=args.sidecar_threads,
         max_batch_clips=args.max_batch_clips, respond_every=args.respond_every,
+        respond_probability=args.respond_probability,
         default_max_tokens=args.default_max_tokens, max_upload_mb=args.max_upload_mb,
         allowed_local_media_path=args.allowed_local_media_path, media_fetch_timeout_s=args.media_fetch_timeout,
         max_sessions=args.max_sessions, session_idle_timeout_s=args.session_idle_timeout,
-        event_buffer=args.event_buffer, scheduling_policy=args.scheduling_policy, tenants_file=args.tenants,
+        event_buffer=args.event_buffer, blocking_reaction=args.blocking_reaction,
+        scheduling_policy=args.scheduling_policy, tenants_file=args.tenants,
         capacity_streams=args.capacity_streams, capacity_file=args.capacity_file, log_level=args.log_level,
     )
 
 
 def _check(parser: argparse.ArgumentParser, config: ServerConfig) -> str:
-    """Refuse bad settings; say which tenancy and capacity the server runs with."""
+    """Refuse bad settings; say which tenancy, capacity and placement the server runs with."""
     positive = {"--max-upload-mb": config.max_upload_mb, "--max-sessions": config.max_sessions,
                 "--default-max-tokens": config.default_max_tokens, "--event-buffer": config.event_buffer,
                 "--respond-every": config.respond_every or 1, "--max-model-len": config.max_model_len,
@@ -145,13 +161,20 @@ def _check(parser: argparse.ArgumentParser, config: ServerConfig) -> str:
     for flag, value in positive.items():
         if value < 1:
             parser.error(f"{flag} must be >= 1")
+    if config.respond_probability is not None and not 0 <= config.respond_probability <= 1:
+        parser.error("--respond-probability must be between 0 and 1")
     try:  # a bad tenants or cost file stops the server here, before the models load
         directory = config.tenant_directory()
         capacity = config.stream_capacity()
     except ValueError as error:
         parser.error(str(error))
+    try:  # likewise a placement the host cannot give (GPUs it does not have)
+        placement = host_placement(config)
+    except PlacementError as error:
+        parser.error(str(error))
     tenants = "open mode (no API keys)" if directory.open else f"{len(directory.tenants)} tenants"
-    summary = f"{tenants}; capacity {capacity} streams"
+    summary = (f"{tenants}; capacity {capacity} streams; reaction on {', '.join(placement.reaction_devices)}, "
+               f"sidecar on {placement.sidecar_device}")
     if config.scheduling_policy != "priority" and any(t.priority for t in directory.tenants.values()):
         summary += "; tenant priorities are ignored without --scheduling-policy priority"
     return summary

@@ -24,7 +24,7 @@ class ServerConfig:
     dtype: str = "auto"  # float32 on the CPU, the checkpoint's dtype on a GPU
     max_model_len: int = 16384
     max_num_seqs: int | None = None
-    gpu_memory_utilization: float = 0.75  # the sidecar shares the GPU
+    gpu_memory_utilization: float | None = None  # None: by placement (0.75 of a GPU shared with the sidecar)
     tensor_parallel_size: int = 1
     enforce_eager: bool | None = None  # None: on for the CPU (no compilation), off on a GPU
     cpu_kv_cache_gib: int = 1
@@ -34,6 +34,7 @@ class ServerConfig:
     sidecar_threads: int | None = None
     max_batch_clips: int = 32
     respond_every: int | None = None
+    respond_probability: float | None = None  # or answer each clip with this probability
     # requests and sessions
     default_max_tokens: int = 256
     max_upload_mb: int = 256
@@ -42,6 +43,7 @@ class ServerConfig:
     max_sessions: int = 64
     session_idle_timeout_s: float = 600.0
     event_buffer: int = 4096
+    blocking_reaction: bool = False  # benchmark baseline: sessions' input waits while they answer
     # tenants and capacity (serve.tenants, serve.quotas, serve.admission)
     tenants_file: str | None = None  # None: open mode, every request is the tenant "default"
     capacity_streams: int | None = None  # streams admitted at once (besides max_sessions)

@@ -62,6 +62,10 @@ class ServerMetrics:
             "dispider_reaction_queue_depth", "Triggers waiting for their session's running reaction", registry=r
         )
         self.running_reactions = Gauge("dispider_reactions_running", "Reactions being generated", registry=r)
+        self.held_frames = Gauge(
+            "dispider_held_frames", "Frames held by blocking-reaction sessions (the baseline) while they answer",
+            registry=r,
+        )
         self.errors = Counter("dispider_errors_total", "Errors returned or streamed, by code", ["code"], registry=r)
         # -- tenants
         self.quota_rejections = Counter(

@@ -102,13 +102,19 @@ def _schemas(model: str) -> dict:
                                     "choices": {"type": "array", "items": {"type": "object"}},
                                     "dispider": {"type": "object", "properties": {"response": integer, **span}}}},
         "SessionCreate": {"type": "object", "required": ["question"],
-                          "properties": {"question": string, **generation}},
+                          "properties": {"question": string, **generation, "blocking_reaction": {
+                              "type": "boolean", "description": "A baseline for benchmarks: from a trigger until "
+                              "its answer ends, the frames pushed wait in the server (then go on in order, their "
+                              "decision latency counting the wait), as VideoLLM-online does. Default: the server's "
+                              "--blocking-reaction (off)"}}},
         "Session": {"type": "object", "properties": {
             "id": string, "object": {"const": "session"}, "created": integer, "model": string,
             "status": {"enum": ["active", "ending", "ended", "closed"]}, "question": string,
             "frames": integer, "clips": integer, "decisions": integer, "responses": integer,
             "skipped_answers": {"type": "integer", "description": "Triggers left unanswered: the tenant was over "
                                 "its reaction tokens per minute"},
+            "blocking_reaction": boolean,
+            "held_frames": {"type": "integer", "description": "Frames a blocking session holds while it answers"},
             "last_timestamp": {"type": ["number", "null"]}, "events_url": string, "websocket_url": string}},
         "Frames": {"type": "object", "required": ["frames"], "properties": {"frames": {"type": "array", "items": {
             "type": "object", "required": ["timestamp", "image"],

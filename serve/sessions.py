@@ -7,6 +7,11 @@ Asynchrony as the paper means it: a session runs two tasks.
 - The *reactor* answers triggers one at a time, in order: a trigger arriving while an answer is running waits
   behind it (and is counted), so answers stay in order and each one can see the ones before it.
 
+A *blocking* session (``blocking_reaction``, a baseline for the benchmarks) gives that up, as VideoLLM-online
+does: from a trigger until every answer it started is done, the session's input is held here instead of
+reaching the sidecar, then sent on in order. Held frames keep the time they were received, so the decision
+latencies show the wait.
+
 Everything a session produces goes into its :class:`EventLog`, a bounded buffer that readers (SSE, WebSocket,
 a chat completion) follow from any point: events produced before a reader connects are not lost.
 
@@ -66,6 +71,7 @@ class SessionOptions:
     stop: tuple[str, ...] = ()
     include_previous_answers: bool = True  # the paper: the k-th answer sees the k-1 before it
     priority: int = 0  # the tenant's, for vLLM's priority scheduling (lower first)
+    blocking_reaction: bool = False  # baseline: input waits while the session answers (see the module doc)
 
 
 @dataclass(frozen=True)
@@ -218,6 +224,8 @@ class Session:
         self._answers: dict[int, list[str]] = {}  # question id -> the answers given to it
         self._triggers: asyncio.Queue = asyncio.Queue()
         self._reacting = False
+        self._unanswered = 0  # triggers received whose answer has not ended (answered, failed or skipped)
+        self._held: list = []  # sidecar commands of a blocking session, waiting for its answers to end
         self._stream_open = False
         self._tasks: list[asyncio.Task] = []
 
@@ -247,6 +255,7 @@ class Session:
         """Stop now: the stream leaves the sidecar and a running answer is aborted."""
         if self.status == "closed":
             return
+        self._held.clear()  # first: the cancelled reactor must find nothing to send on
         if self._stream_open:
             self._sidecar.send(CloseStream(self.id))
             self._stream_open = False
@@ -299,7 +308,29 @@ class Session:
 
     def _send(self, command) -> None:
         self.last_activity = time.monotonic()
+        if self._holding:  # every command is held, so frames, chunks, questions and the end keep their order
+            self._held.append(command)
+            return
         self._sidecar.send(command)
+
+    # -- blocking reaction (the baseline): input held while the session answers --------------------------------
+    @property
+    def _holding(self) -> bool:
+        return self.options.blocking_reaction and self._unanswered > 0
+
+    @property
+    def held_frames(self) -> int:
+        """Decoded frames held (a held video chunk counts none: the sidecar decodes it)."""
+        return sum(len(command.frames) for command in self._held if isinstance(command, PushFrames))
+
+    def _trigger_done(self) -> None:
+        """An answer ended (or failed, or was skipped); with none left to give, the held input goes on."""
+        self._unanswered -= 1
+        if self._holding:
+            return
+        held, self._held = self._held, []
+        for command in held:  # each keeps its received_at: the decision latency counts the wait
+            self._sidecar.send(command)
 
     # -- the pump: sidecar events -> session events --------------------------------------------------------------
     async def _pump(self, events: asyncio.Queue) -> None:
@@ -331,6 +362,7 @@ class Session:
         self._emit(DecisionMade(event, latency_s, respond))
 
     def _queue_trigger(self, triggered: Triggered) -> None:
+        self._unanswered += 1  # a blocking session holds its input from now on
         if self._reacting or not self._triggers.empty():
             self._metrics.reaction_queued.inc()
         self._metrics.reaction_queue_depth.inc()
@@ -341,7 +373,10 @@ class Session:
         while not isinstance(item := await self._triggers.get(), _StreamDone):
             self._metrics.reaction_queue_depth.dec()
             self._metrics.queue_wait.observe(time.monotonic() - item.queued_at)
-            await self._react(item.triggered)
+            try:
+                await self._react(item.triggered)
+            finally:
+                self._trigger_done()
         self.status = "ended"
         self._emit(SessionEnded(item.reason, self.clips, self.responses, self.decisions))
 
@@ -442,6 +477,8 @@ class Session:
             "max_tokens": self.options.max_tokens,
             "temperature": self.options.temperature,
             "include_previous_answers": self.options.include_previous_answers,
+            "blocking_reaction": self.options.blocking_reaction,
+            "held_frames": self.held_frames,
             "frames": self.frames,
             "clips": self.clips,
             "decisions": self.decisions,
@@ -496,6 +533,7 @@ class SessionManager:
         self._sessions: dict[str, Session] = {}
         self._ended_at: dict[str, float] = {}
         metrics.active_sessions.set_function(self.count_active)
+        metrics.held_frames.set_function(self.count_held_frames)
         metrics.watch_tenants(self.count_by_tenant, admission.capacity)
 
     def _running(self) -> list[Session]:
@@ -503,6 +541,9 @@ class SessionManager:
 
     def count_active(self) -> int:
         return len(self._running())
+
+    def count_held_frames(self) -> int:
+        return sum(session.held_frames for session in self._sessions.values())
 
     def count_by_tenant(self) -> dict[str, int]:
         counts: dict[str, int] = {}

@@ -16,6 +16,7 @@ import time
 
 import httpx
 import openai
+import psutil
 import pytest
 from PIL import Image
 
@@ -140,7 +141,15 @@ def test_answer_deltas_silence_and_text():
 # ---- the service ------------------------------------------------------------------------------------------------
 def test_models_health_and_openapi(client, http, dispider_server):
     assert [m.id for m in client.models.list().data] == [dispider_server.model]
-    assert http.get("/health").json() == {"status": "ok", "sidecar": True, "engine": True}
+    health = http.get("/health").json()
+    placement = health.pop("placement")
+    assert health == {"status": "ok", "sidecar": True, "engine": True}
+    # Process placement: the sidecar is a process of its own, the server's child, on the device it says.
+    assert placement["platform"] == "cpu" and placement["sidecar_device"] == "cpu"
+    assert placement["reaction_devices"] == ["cpu"] and placement["tensor_parallel_size"] == 1
+    server = psutil.Process(placement["server_pid"])
+    assert placement["sidecar_pid"] in {child.pid for child in server.children()}
+    assert placement["sidecar_pid"] != placement["server_pid"]
     paths = http.get("/openapi.json").json()["paths"]
     session = "/v1/sessions/{session_id}"
     for path in ("/v1/chat/completions", "/v1/sessions", session, f"{session}/frames", f"{session}/questions",
@@ -419,3 +428,53 @@ def test_still_healthy_with_metrics(http, client, videos, dispider_server):
                  "dispider_reaction_tokens_total", "dispider_reaction_queue_depth", "dispider_reaction_queued_total",
                  "dispider_sidecar_up 1.0", "dispider_engine_up 1.0", 'dispider_errors_total{code="model_not_found"}'):
         assert name in metrics, name
+
+
+
+def test_blocking_reaction_holds_the_stream(http, dispider_server):
+    """The baseline (``blocking_reaction``): a frame pushed while an answer runs waits in the server, so the clip
+    it closes is decided only after the answer ends, its latency counting the wait; a plain session does not wait."""
+    assert_error(http.post("/v1/sessions", json={"question": QUESTION, "blocking_reaction": "yes"}),
+                 400, "invalid_parameter")
+    frames = {frame.timestamp: frame for frame in make_test_frames(seconds=48, fps=2, seed=4)}
+    blocking, plain = (_clip_pushed_during_an_answer(http, dispider_server, frames, block) for block in (True, False))
+    assert blocking["held"] == 1 and plain["held"] == 0
+    assert blocking["decided_after_answer"]
+    # Held from the push until (at least) the answer's response_end; 0.25 s for the SSE delivery of that event.
+    assert blocking["latency_s"] >= blocking["answer_ended_at"] - blocking["pushed_at"] - 0.25
+    assert plain["latency_s"] < blocking["latency_s"]
+
+
+def _clip_pushed_during_an_answer(http, server, frames, blocking: bool) -> dict:
+    """Clips 0-1 (clip 1 triggers), then the frame closing clip 2 as soon as the trigger shows, then the end."""
+    body = {"question": QUESTION, "max_tokens": 64, "blocking_reaction": blocking}  # a long answer: ~0.5 s on a CPU
+    created = http.post("/v1/sessions", json=body)
+    assert created.status_code == 201, created.text
+    session = created.json()
+    assert session["blocking_reaction"] is blocking and session["held_frames"] == 0
+    path = f"/v1/sessions/{session['id']}"
+    reader = EventReader(server.url + session["events_url"])
+    reader.start()
+    assert reader.connected.wait(30)
+
+    def push(timestamp: float) -> None:
+        image = base64.b64encode(jpeg(frames[timestamp].pixels)).decode()
+        reply = http.post(f"{path}/frames", json={"frames": [{"timestamp": timestamp, "image": image}]})
+        assert reply.status_code == 202, reply.text
+
+    push(0.0)
+    push(31.5)  # two frames fill clips 0 and 1: the 1-fps sampler repeats a frame over the gap
+    assert [d["respond"] for d in reader.wait_for("decision", 2)] == [False, True]
+    push(47.5)  # closes clip 2 while clip 1's answer runs
+    pushed_at = time.monotonic()
+    held = http.get(path).json()["held_frames"]
+    assert http.post(f"{path}/end").status_code == 202  # held too in a blocking session, behind the frame
+    reader.finish()
+    http.delete(path)
+    assert [d["clip"] for d in reader.named("decision")] == [0, 1, 2]
+    assert reader.named("end")[0]["clips"] == 3
+    names = [name for _, name, _ in reader.events]
+    assert "response_end" in names, "clip 1's trigger gave no answer"
+    answer_end, clip2 = names.index("response_end"), len(names) - 1 - names[::-1].index("decision")
+    return {"held": held, "pushed_at": pushed_at, "latency_s": reader.events[clip2][2]["latency_s"],
+            "answer_ended_at": reader.events[answer_end][0], "decided_after_answer": clip2 > answer_end}

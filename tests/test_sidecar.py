@@ -236,3 +236,13 @@ def test_decoder_keeps_each_streams_order_and_serves_uploads_side_by_side(tmp_pa
     a_times = [frame.timestamp for command in a_commands[:-1] for frame in command.frames]
     assert a_times == sorted(a_times) and len(a_times) == seconds
     assert not decoder.takes(AskQuestion("a", "later"))  # nothing of a's left: straight to the engine
+
+
+def test_random_respond_policy_spreads_answers_over_streams_and_repeats_itself():
+    """--respond-probability: about P of the clips answer, not in lockstep across streams, the same on a rerun."""
+    policy = make_respond_policy(None, 0.125)
+    answers = {(f"s{s}", c): policy(f"s{s}", c) for s in range(64) for c in range(64)}
+    assert 0.10 < sum(answers.values()) / len(answers) < 0.15
+    assert len({tuple(answers[f"s{s}", c] for c in range(64)) for s in range(64)}) > 60  # streams differ
+    assert all(policy(stream, clip) == answer for (stream, clip), answer in answers.items())
+    assert make_respond_policy(2, None)("any", 1) and not make_respond_policy(2, None)("any", 0)

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.profiler import record_function
 
 from ..perception.modules import PerceptionDecisionModules
 from ..types import ClipBundle, ClipFeatures, DecisionEvent, Trigger
@@ -158,8 +159,9 @@ class DecisionEngine:
     def _decide_round(self, batch: list[tuple[_Stream, ClipFeatures]]) -> list[DecisionEvent | Trigger]:
         for stream, _ in batch:
             self._bound_window(stream)
-        queries = torch.cat([self._decide(batch[i : i + self.config.max_streams_per_forward])
-                             for i in range(0, len(batch), self.config.max_streams_per_forward)])
+        with record_function("decision.forward"):
+            queries = torch.cat([self._decide(batch[i : i + self.config.max_streams_per_forward])
+                                 for i in range(0, len(batch), self.config.max_streams_per_forward)])
         logits = self.modules.silent_head(queries).float().squeeze(-1).tolist()
         results: list[DecisionEvent | Trigger] = []
         decided: list[_Decided] = []
@@ -171,7 +173,9 @@ class DecisionEngine:
             if self._responds(stream.stream_id, clip.index, logit):
                 decided.append(_Decided(stream, clip, event, query, position=len(results)))
             results.append(event)
-        for item, trigger in zip(decided, self._trigger(decided)):
+        with record_function("decision.triggers"):
+            triggers = self._trigger(decided)
+        for item, trigger in zip(decided, triggers):
             results[item.position] = trigger
         return results
 

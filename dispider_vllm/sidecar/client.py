@@ -92,6 +92,11 @@ class SidecarClient:
         self._events.put(None)  # wakes the reader thread
         self._process = None
 
+    @property
+    def pid(self) -> int | None:
+        """The sidecar process's id while it runs (to find it in ``top`` or attach a profiler)."""
+        return self._process.pid if self._process is not None else None
+
     def is_alive(self) -> bool:
         return self._process is not None and self._process.is_alive()
 

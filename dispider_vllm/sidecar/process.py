@@ -45,6 +45,8 @@ def _build_engine(config: SidecarConfig):
 
     if config.threads:
         torch.set_num_threads(config.threads)
+    if config.device.startswith("cuda"):
+        torch.cuda.set_device(torch.device(config.device))  # streams and events then live on the sidecar's GPU
     dtype = getattr(torch, config.dtype)
     modules = PerceptionDecisionModules.load(config.part_dir, device=config.device, dtype=dtype)
     return SidecarEngine(

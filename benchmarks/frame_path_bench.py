@@ -1,0 +1,175 @@
+"""The frame path's host cost: CPU time per pushed frame in the server's process and in each of its children.
+
+    python benchmarks/frame_path_bench.py --out /tmp/frame_path.json                  # tiny checkpoint, CPU
+    python benchmarks/frame_path_bench.py --sessions 32 --seconds 60 --out benchmarks/results/frame_path_h200.json \\
+        -- --checkpoint /tmp/dispider-streams/split --respond-every 8
+
+Every live frame crosses the server's process (HTTP request, JPEG decode, hand-off to the sidecar) and the
+sidecar's (sampling, resize and normalise into clips) before any GPU work. One Python process has one core's worth
+of interpreter, so the server's CPU seconds per frame bound the frames per second, hence the 1-fps streams, that
+one server can take, whatever the GPU does: ``streams_per_server_core`` = 1 / (server CPU s per frame).
+
+The run starts the server (its arguments after ``--``; default: the tiny random checkpoint on the CPU), opens
+``--sessions`` live sessions, and pushes JPEG frames (320x240 by default) into them back to back for
+``--seconds``, one request in flight per session. It reads the CPU times of the server's process and of each
+child (the sidecar, vLLM's engine core) before and after. The sidecar's figure includes its model work when it
+runs on the CPU; on a GPU host it is the host-side share.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from clients.local_server import LocalServer  # noqa: E402
+from clients.stream_video import encode_jpeg  # noqa: E402
+from dispider_vllm.video.synth import make_test_frames  # noqa: E402
+
+QUESTION = "Tell me when something changes."
+
+
+def cpu_seconds(process: psutil.Process) -> float:
+    times = process.cpu_times()
+    return times.user + times.system
+
+
+def processes_of(pid: int, sidecar_pid: int | None) -> dict[str, psutil.Process]:
+    """The server and its children, by role: the sidecar (its pid from /health), the others by process name."""
+    server = psutil.Process(pid)
+    named = {"server": server}
+    for child in server.children(recursive=True):
+        role = "sidecar" if child.pid == sidecar_pid else f"{child.name()}[{child.pid}]"
+        named[role] = child
+    return named
+
+
+def sidecar_pid_of(url: str) -> int | None:
+    return httpx.get(url + "/health", timeout=10).json().get("placement", {}).get("sidecar_pid")
+
+
+def snapshot(processes: dict[str, psutil.Process]) -> dict[str, float]:
+    seen = {}
+    for role, process in processes.items():
+        try:
+            seen[role] = cpu_seconds(process)
+        except psutil.Error:
+            pass
+    return seen
+
+
+async def push_back_to_back(http: httpx.AsyncClient, session_id: str, jpegs: list[bytes], until: float,
+                            rtts: list[float]) -> None:
+    timestamp = 0.0
+    while time.monotonic() < until:
+        data = jpegs[int(timestamp) % len(jpegs)]
+        started = time.monotonic()
+        reply = await http.post(f"/v1/sessions/{session_id}/frames", params={"timestamp": f"{timestamp:.3f}"},
+                                content=data, headers={"content-type": "image/jpeg"})
+        reply.raise_for_status()
+        rtts.append(time.monotonic() - started)
+        timestamp += 1.0
+
+
+async def drive(url: str, sessions: int, seconds: float, jpegs: list[bytes]) -> tuple[list[float], float]:
+    limits = httpx.Limits(max_connections=sessions + 4, max_keepalive_connections=sessions + 4)
+    async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as http:
+        ids = []
+        for _ in range(sessions):
+            reply = await http.post("/v1/sessions", json={"question": QUESTION})
+            reply.raise_for_status()
+            ids.append(reply.json()["id"])
+        rtts: list[float] = []
+        started = time.monotonic()
+        await asyncio.gather(*(push_back_to_back(http, i, jpegs, started + seconds, rtts) for i in ids))
+        elapsed = time.monotonic() - started
+        for session_id in ids:
+            await http.delete(f"/v1/sessions/{session_id}")
+    return rtts, elapsed
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def measure(url: str, pid: int, args) -> dict:
+    width, height = (int(v) for v in args.frame_size.split("x"))
+    frames = make_test_frames(seconds=64, fps=1, size=(width, height), seed=5)
+    jpegs = [encode_jpeg(frame.pixels, 85) for frame in frames]
+    processes = processes_of(pid, sidecar_pid_of(url))
+    before = snapshot(processes)
+    rtts, elapsed = asyncio.run(drive(url, args.sessions, args.seconds, jpegs))
+    after = snapshot(processes)
+    pushed = len(rtts)
+    per_frame_ms = {role: (after[role] - before[role]) * 1000 / pushed for role in after if role in before}
+    server_ms = per_frame_ms.get("server", float("nan"))
+    return {
+        "sessions": args.sessions, "seconds": elapsed, "frames": pushed, "frames_per_s": pushed / elapsed,
+        "frame_size": [width, height], "jpeg_bytes_mean": statistics.mean(len(j) for j in jpegs),
+        "push_rtt_s": {"p50": percentile(rtts, 0.5), "p90": percentile(rtts, 0.9), "p99": percentile(rtts, 0.99)},
+        "cpu_ms_per_frame": per_frame_ms,
+        "streams_per_server_core": 1000 / server_ms if server_ms > 0 else None,
+    }
+
+
+def device_name() -> str:
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return torch.cuda.get_device_name(0)
+    except ImportError:
+        pass
+    return f"CPU ({psutil.cpu_count()} cores)"
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    serve_args = argv[argv.index("--") + 1:] if "--" in argv else []
+    argv = argv[: argv.index("--")] if "--" in argv else argv
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sessions", type=int, default=4, help="live sessions pushing at once (default 4)")
+    parser.add_argument("--seconds", type=float, default=30.0, help="how long to push (default 30)")
+    parser.add_argument("--frame-size", default="320x240", metavar="WxH", help="pushed frame size (default 320x240)")
+    parser.add_argument("--url", help="a running server instead of starting one (needs --pid)")
+    parser.add_argument("--pid", type=int, help="with --url: the server's process id")
+    parser.add_argument("--out", type=Path, help="write the JSON report here")
+    args = parser.parse_args(argv)
+    if args.url and not args.pid:
+        parser.error("--url needs --pid (the server's process, whose CPU time is measured)")
+
+    if args.url:
+        result = measure(args.url, args.pid, args)
+    else:
+        log = Path(args.out.parent if args.out else "/tmp") / "frame_path_server.log"
+        with LocalServer(serve_args, log) as server:
+            print(f"[frame-path] starting the server (log: {log})", flush=True)
+            server.wait_healthy(900)
+            result = measure(server.url, server.pid, args)
+    report = {"benchmark": "frame_path", "device": device_name(), "command": "python benchmarks/frame_path_bench.py "
+              + " ".join(sys.argv[1:]), "server_args": serve_args, **result}
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"\n{result['frames']} frames in {result['seconds']:.1f} s ({result['frames_per_s']:.1f}/s) from "
+          f"{args.sessions} sessions; push RTT p50 {result['push_rtt_s']['p50'] * 1000:.1f} ms")
+    for role, ms in sorted(result["cpu_ms_per_frame"].items(), key=lambda item: -item[1]):
+        print(f"  {role:28} {ms:8.2f} CPU ms per frame")
+    if result["streams_per_server_core"]:
+        print(f"one server process takes at most ~{result['streams_per_server_core']:.0f} frames/s (1-fps streams)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,76 @@
+"""Where the reaction LLM and the sidecar run: the placement rules, and the CLI refusing what the host lacks.
+
+The two-GPU runs themselves (tensor parallelism, the sidecar on its own GPU) need GPUs; these check the decisions
+that lead to them, on any host.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from serve.placement import PlacementError, plan_placement
+
+
+def gpus(count: int, **options):
+    return plan_placement(platform="cuda", gpu_count=count, cpu_count=16, **options)
+
+
+def test_one_gpu_shares_it_and_leaves_the_sidecar_room():
+    placement = gpus(1)
+    assert placement.reaction_devices == ("cuda:0",) and placement.sidecar_device == "cuda:0"
+    assert placement.sidecar_shares_gpu and placement.gpu_memory_utilization == 0.75
+    assert placement.sidecar_threads == 4  # frame preprocessing only; the host's cores serve the others
+
+
+def test_two_gpus_give_the_sidecar_its_own():
+    placement = gpus(2)
+    assert placement.reaction_devices == ("cuda:0",) and placement.sidecar_device == "cuda:1"
+    assert not placement.sidecar_shares_gpu and placement.gpu_memory_utilization == 0.90
+
+
+def test_tensor_parallel_over_both_gpus_puts_the_sidecar_beside_rank_0():
+    placement = gpus(2, tensor_parallel_size=2)
+    assert placement.tensor_parallel_size == 2 and placement.reaction_devices == ("cuda:0", "cuda:1")
+    assert placement.sidecar_device == "cuda:0" and placement.sidecar_shares_gpu
+
+
+def test_explicit_choices_win():
+    placement = gpus(2, tensor_parallel_size=2, sidecar_device="cuda:1", gpu_memory_utilization=0.6,
+                     sidecar_threads=8)
+    assert placement.sidecar_device == "cuda:1" and placement.gpu_memory_utilization == 0.6
+    assert placement.sidecar_threads == 8
+    assert gpus(2, sidecar_device="cuda").sidecar_device == "cuda:0"
+    assert gpus(1, sidecar_device="cpu").sidecar_device == "cpu" and not gpus(1, sidecar_device="cpu").sidecar_shares_gpu
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"tensor_parallel_size": 2}, "--tensor-parallel-size 2 needs 2 GPUs; 1 visible"),
+    ({"sidecar_device": "cuda:1"}, "there are 1 visible GPUs"),
+    ({"sidecar_device": "gpu1"}, "use auto, cpu, cuda or cuda:N"),
+    ({"tensor_parallel_size": 0}, "must be at least 1"),
+    ({"gpu_memory_utilization": 1.5}, "must be in (0, 1]"),
+])
+def test_impossible_placements_say_why(options, message):
+    with pytest.raises(PlacementError, match=message.replace("(", r"\(").replace(")", r"\)").replace("]", r"\]")):
+        gpus(1, **options)
+
+
+def test_cpu_build_runs_both_on_the_cpu():
+    placement = plan_placement(platform="cpu", gpu_count=0, cpu_count=2)
+    assert placement.reaction_devices == ("cpu",) and placement.sidecar_device == "cpu"
+    assert placement.sidecar_threads is None  # the CPU build uses the cores for the models themselves
+    with pytest.raises(PlacementError, match="vLLM runs on the CPU here"):
+        plan_placement(platform="cpu", gpu_count=0, cpu_count=2, sidecar_device="cuda:1")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a CPU host")
+def test_the_server_refuses_a_gpu_placement_on_this_cpu_host_before_loading_anything():
+    """The real CLI: a clear usage error (exit 2), no traceback, and no model loaded."""
+    done = subprocess.run([sys.executable, "-m", "serve", "--sidecar-device", "cuda:1", "--port", "0"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert "--sidecar-device cuda:1" in done.stderr and "Traceback" not in done.stderr
