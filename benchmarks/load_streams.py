@@ -130,6 +130,7 @@ class StreamLog:
     end_sent_at: float | None = None
     events: StreamReport | None = None
     failure: str | None = None
+    open_status: int | None = None  # the HTTP status that refused the session (503: at capacity, 429: quota)
 
     def closing_sent_at(self, clip: int) -> float | None:
         """When the frame that closed ``clip`` was sent: the first one at or past its last sampling target."""
@@ -159,15 +160,9 @@ async def run_stream(index: int, count: int, http: httpx.AsyncClient, url: str, 
                      config: LoadConfig, run_start: float) -> StreamLog:
     log = StreamLog(index)
     await asyncio.sleep(config.stagger_s * index / max(count, 1) / config.speed)
-    settings = StreamSettings(url=url, question=f"[stream {index}] {config.question}", max_tokens=config.max_tokens,
-                              api_key=config.api_key)
-    try:
-        session = await open_session(http, settings)
-    except (StreamClientError, httpx.HTTPError) as error:
-        log.failure = f"open: {error}"
+    session = await open_logged(http, url, config, log)
+    if session is None:
         return log
-    log.session_id = session["id"]
-    log.events = StreamReport(session["id"])
     reader = asyncio.create_task(_read(http, session["events_url"], EventRecorder(log.events, QuietPrinter())))
     try:
         await push_paced(http, session["id"], frames, config, log, run_start, stop=reader.done)
@@ -185,6 +180,21 @@ async def run_stream(index: int, count: int, http: httpx.AsyncClient, url: str, 
         await asyncio.gather(reader, return_exceptions=True)
         await delete_session(http, session["id"])
     return log
+
+
+async def open_logged(http: httpx.AsyncClient, url: str, config: LoadConfig, log: StreamLog) -> dict | None:
+    """Open the stream's session and note it in ``log``; None (and the failure, with any refusing status) if refused."""
+    settings = StreamSettings(url=url, question=f"[stream {log.index}] {config.question}",
+                              max_tokens=config.max_tokens, api_key=config.api_key)
+    try:
+        session = await open_session(http, settings)
+    except (StreamClientError, httpx.HTTPError) as error:
+        log.failure = f"open: {error}"
+        log.open_status = getattr(error, "status", None)
+        return None
+    log.session_id = session["id"]
+    log.events = StreamReport(session["id"])
+    return session
 
 
 def reader_failure(reader: asyncio.Task) -> str | None:
@@ -302,7 +312,30 @@ async def sample_loop_lag(samples: Samples, every_s: float = 0.1) -> None:
 
 
 # ---- one run of N streams ------------------------------------------------------------------------------------------------
+@dataclass
+class LoadRun:
+    """What one run recorded, before it is summarized (benchmarks/tenancy_bench.py reads the logs too)."""
+
+    streams: int
+    logs: list[StreamLog]
+    samples: Samples
+    before: MetricsSnapshot | None
+    after: MetricsSnapshot | None
+    run_start: float
+    wall_s: float
+
+    def summary(self, config: LoadConfig) -> dict:
+        return summarize_run(self.streams, self.logs, self.samples, self.before, self.after, self.run_start,
+                             self.wall_s, config)
+
+
 async def run_load(url: str, streams: int, frames: list[EncodedFrame], config: LoadConfig) -> dict:
+    return (await collect_load(url, streams, frames, config)).summary(config)
+
+
+async def collect_load(url: str, streams: int, frames: list[EncodedFrame], config: LoadConfig,
+                       stream=run_stream) -> LoadRun:
+    """Run ``streams`` streams (``stream``: run_stream's signature) with the samplers beside them."""
     limits = httpx.Limits(max_connections=2 * streams + 16, max_keepalive_connections=2 * streams + 16)
     async with httpx.AsyncClient(base_url=url, timeout=30, limits=limits, headers=auth_headers(config.api_key)) as http:
         before = await scrape(http)
@@ -311,7 +344,7 @@ async def run_load(url: str, streams: int, frames: list[EncodedFrame], config: L
         helpers = [asyncio.create_task(sample_server(http, samples, run_start)),
                    asyncio.create_task(sample_gpu(samples)), asyncio.create_task(sample_loop_lag(samples))]
         try:
-            logs = await asyncio.gather(*(run_stream(i, streams, http, url, frames, config, run_start)
+            logs = await asyncio.gather(*(stream(i, streams, http, url, frames, config, run_start)
                                           for i in range(streams)))
         finally:
             for helper in helpers:
@@ -319,7 +352,7 @@ async def run_load(url: str, streams: int, frames: list[EncodedFrame], config: L
             await asyncio.gather(*helpers, return_exceptions=True)
         wall = time.monotonic() - run_start
         after = await scrape(http)
-    return summarize_run(streams, list(logs), samples, before, after, run_start, wall, config)
+    return LoadRun(streams, list(logs), samples, before, after, run_start, wall)
 
 
 async def scrape(http: httpx.AsyncClient) -> MetricsSnapshot | None:

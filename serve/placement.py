@@ -48,7 +48,7 @@ def plan_placement(*, platform: str, gpu_count: int, cpu_count: int, tensor_para
     if tensor_parallel_size < 1:
         raise PlacementError(f"--tensor-parallel-size must be at least 1, not {tensor_parallel_size}")
     if platform == "cpu":
-        return _cpu_placement(tensor_parallel_size, sidecar_device, sidecar_threads)
+        return _cpu_placement(tensor_parallel_size, sidecar_device, gpu_memory_utilization, sidecar_threads)
     if tensor_parallel_size > gpu_count:
         raise PlacementError(f"--tensor-parallel-size {tensor_parallel_size} needs {tensor_parallel_size} GPUs; "
                              f"{gpu_count} visible (CUDA_VISIBLE_DEVICES)")
@@ -64,11 +64,14 @@ def plan_placement(*, platform: str, gpu_count: int, cpu_count: int, tensor_para
     return Placement("cuda", reaction, sidecar, shares, gpu_memory_utilization, sidecar_threads)
 
 
-def _cpu_placement(tensor_parallel_size: int, sidecar_device: str, sidecar_threads: int | None) -> Placement:
+def _cpu_placement(tensor_parallel_size: int, sidecar_device: str, gpu_memory_utilization: float | None,
+                   sidecar_threads: int | None) -> Placement:
     if sidecar_device not in ("auto", "cpu"):
         raise PlacementError(f"--sidecar-device {sidecar_device}: vLLM runs on the CPU here (no GPU), so the "
                              "sidecar does too; use --sidecar-device cpu or auto")
-    return Placement("cpu", ("cpu",) * tensor_parallel_size, "cpu", False, 1.0, sidecar_threads)
+    # vLLM's CPU worker reads this as its share of host memory (the KV cache size is set apart: --cpu-kv-cache-gib).
+    share = SHARED_GPU_MEMORY_UTILIZATION if gpu_memory_utilization is None else gpu_memory_utilization
+    return Placement("cpu", ("cpu",) * tensor_parallel_size, "cpu", False, share, sidecar_threads)
 
 
 def _sidecar_gpu(requested: str, gpu_count: int, tensor_parallel_size: int) -> str:

@@ -63,6 +63,7 @@ def test_cpu_build_runs_both_on_the_cpu():
     placement = plan_placement(platform="cpu", gpu_count=0, cpu_count=2)
     assert placement.reaction_devices == ("cpu",) and placement.sidecar_device == "cpu"
     assert placement.sidecar_threads is None  # the CPU build uses the cores for the models themselves
+    assert placement.gpu_memory_utilization == 0.75  # vLLM's CPU worker: its share of host memory
     with pytest.raises(PlacementError, match="vLLM runs on the CPU here"):
         plan_placement(platform="cpu", gpu_count=0, cpu_count=2, sidecar_device="cuda:1")
 
