@@ -669,13 +669,19 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace, server
         parser.error("arguments after `--` are for --start-server")
     if args.video is not None and not args.video.is_file():
         parser.error(f"no such video file: {args.video}")
+    parse_frame_size(parser, args.frame_size)
+    return counts
+
+
+def parse_frame_size(parser: argparse.ArgumentParser, text: str) -> tuple[int, int]:
+    """``--frame-size WxH`` -> (W, H); even sides of at least 16 (the video encoder's needs), else a usage error."""
     try:
-        width, height = (int(x) for x in args.frame_size.lower().split("x"))
+        width, height = (int(x) for x in text.lower().split("x"))
         if width < 16 or height < 16 or width % 2 or height % 2:
             raise ValueError
     except ValueError:
         parser.error("--frame-size is WIDTHxHEIGHT, even, at least 16x16 (e.g. 640x360)")
-    return counts
+    return width, height
 
 
 def server_command_args(args: argparse.Namespace, server_args: list[str], most_streams: int) -> list[str]:

@@ -453,13 +453,7 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace, server
         parser.error("the benchmark writes its own tenants file; leave --tenants out of the server arguments")
     if args.video is not None and not args.video.is_file():
         parser.error(f"no such video file: {args.video}")
-    try:
-        width, height = (int(x) for x in args.frame_size.lower().split("x"))
-        if width < 16 or height < 16 or width % 2 or height % 2:
-            raise ValueError
-    except ValueError:
-        parser.error("--frame-size is WIDTHxHEIGHT, even, at least 16x16 (e.g. 640x360)")
-    return width, height
+    return ls.parse_frame_size(parser, args.frame_size)
 
 
 def server_command_args(server_args: list[str], tenants_file: Path, total_streams: int) -> list[str]:
