@@ -32,7 +32,7 @@ import psutil
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from clients.local_server import LocalServer  # noqa: E402
+from clients.local_server import LocalServer, ServerStartError  # noqa: E402
 from clients.stream_video import encode_jpeg  # noqa: E402
 from dispider_vllm.video.synth import make_test_frames  # noqa: E402
 
@@ -134,6 +134,17 @@ def device_name() -> str:
     return f"CPU ({psutil.cpu_count()} cores)"
 
 
+def run(args, serve_args: list[str]) -> dict:
+    """Measure against ``--url``, or against a server started here with ``serve_args``."""
+    if args.url:
+        return measure(args.url, args.pid, args)
+    log = Path(args.out.parent if args.out else "/tmp") / "frame_path_server.log"
+    with LocalServer(serve_args, log) as server:
+        print(f"[frame-path] starting the server (log: {log})", flush=True)
+        server.wait_healthy(900)
+        return measure(server.url, server.pid, args)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     serve_args = argv[argv.index("--") + 1:] if "--" in argv else []
@@ -149,14 +160,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.url and not args.pid:
         parser.error("--url needs --pid (the server's process, whose CPU time is measured)")
 
-    if args.url:
-        result = measure(args.url, args.pid, args)
-    else:
-        log = Path(args.out.parent if args.out else "/tmp") / "frame_path_server.log"
-        with LocalServer(serve_args, log) as server:
-            print(f"[frame-path] starting the server (log: {log})", flush=True)
-            server.wait_healthy(900)
-            result = measure(server.url, server.pid, args)
+    try:
+        result = run(args, serve_args)
+    except psutil.NoSuchProcess:
+        parser.error(f"--pid {args.pid}: no such process (the server's process id: /health's placement.server_pid)")
+    except (httpx.HTTPError, ServerStartError) as error:
+        print(f"frame_path_bench: {error}", file=sys.stderr)
+        return 1
     report = {"benchmark": "frame_path", "device": device_name(), "command": "python benchmarks/frame_path_bench.py "
               + " ".join(sys.argv[1:]), "server_args": serve_args, **result}
     if args.out:
