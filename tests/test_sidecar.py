@@ -28,6 +28,7 @@ from dispider_vllm.sidecar.protocol import (
     OpenStream,
     PushEncoded,
     PushFrames,
+    Shutdown,
     StreamEnded,
     StreamError,
     Triggered,
@@ -211,6 +212,26 @@ def test_real_sidecar_process(part_dir, frames):
         decided = [e for e in events if isinstance(e, (Decision, Triggered))]
         assert all(_sid(e) == sid for e in decided)  # each stream sees only its own events
         assert any(isinstance(e, Triggered) for e in decided)
+
+
+def test_command_intake_hands_every_queued_frame_to_one_drain_in_order():
+    """The pipe between server and sidecar holds less than one frame; read only between steps, it gave the loop
+    about one frame per step. The intake thread empties it meanwhile, so one drain takes everything queued."""
+    import multiprocessing
+
+    from dispider_vllm.sidecar.process import CommandIntake, _drain
+
+    commands = multiprocessing.get_context("spawn").Queue()
+    frame = np.zeros((240, 320, 3), np.uint8)
+    for i in range(40):
+        commands.put(PushFrames("s", (Frame(float(i), frame),)))
+    intake = CommandIntake(commands)
+    deadline = time.monotonic() + 30
+    while intake.queue.qsize() < 40 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    drained = _drain(intake.queue, block=False)
+    assert [command.frames[0].timestamp for command in drained] == [float(i) for i in range(40)]
+    commands.put(Shutdown())
 
 
 def test_decoder_keeps_each_streams_order_and_serves_uploads_side_by_side(tmp_path):

@@ -13,6 +13,7 @@ Per clip:
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch.profiler import record_function
@@ -54,23 +55,64 @@ def pool_tokens(merged: torch.Tensor, pool_num: int) -> torch.Tensor:
     return torch.cat([pooled, global_mean], dim=1).to(merged.dtype)
 
 
+@dataclass
+class _LaunchedChunk:
+    """A chunk of clips whose device work is queued; its raw may still be on its way to host memory."""
+
+    clips: Sequence[Clip]
+    raw: torch.Tensor  # on raw_device, or a pinned staging buffer that ``copied`` says is filled
+    memory: torch.Tensor
+    indicator: torch.Tensor
+    copied: torch.cuda.Event | None
+
+
+class _PinnedPair:
+    """Two reusable pinned host buffers taken in turn, so the host fills or reads one while a copy of the other
+    runs. A buffer is handed out again only once the copy recorded on it has finished."""
+
+    def __init__(self, min_rows: int):
+        self.min_rows = min_rows
+        self._buffers: list[torch.Tensor | None] = [None, None]
+        self._copies: list[torch.cuda.Event | None] = [None, None]
+        self._next = 0
+
+    def take(self, shape: tuple[int, ...], dtype: torch.dtype) -> tuple[torch.Tensor, int]:
+        index, self._next = self._next, 1 - self._next
+        if self._copies[index] is not None:
+            self._copies[index].synchronize()
+        buffer = self._buffers[index]
+        if buffer is None or buffer.shape[0] < shape[0] or buffer.shape[1:] != shape[1:] or buffer.dtype != dtype:
+            rows = max(shape[0], self.min_rows)
+            buffer = self._buffers[index] = torch.empty((rows, *shape[1:]), dtype=dtype, pin_memory=True)
+        return buffer[: shape[0]], index
+
+    def copy_recorded(self, index: int) -> torch.cuda.Event:
+        event = torch.cuda.Event()
+        event.record()
+        self._copies[index] = event
+        return event
+
+
 class PerceptionEncoder:
     """CLIP tower + pool projector + compact-LLM first pass, for many clips (of many streams) at once.
 
     ``raw`` is returned on ``raw_device`` (host memory by default: 8 MB a clip at real shapes in 16-bit), M and T on
     the model's device. Every returned tensor owns its storage, so keeping one clip keeps no batch alive.
+
+    On a GPU the clips go in chunks of ``max_clips_per_pass``, pipelined: while the GPU runs one chunk, the host
+    stages the next chunk's pixels and copies the previous chunk's raw into each clip's own tensor (about 1 GB of
+    host memory traffic per 64 clips, which would otherwise leave the GPU idle).
     """
 
     def __init__(self, modules: PerceptionDecisionModules, *, max_frames_per_batch: int = 256,
-                 max_clips_per_pass: int = 32, raw_device: str | torch.device = "cpu", lm: CompactLM | None = None):
+                 max_clips_per_pass: int = 16, raw_device: str | torch.device = "cpu", lm: CompactLM | None = None):
         self.modules = modules
         self.lm = lm or CompactLM(modules.language_model)
         self.max_frames_per_batch = max_frames_per_batch
         self.max_clips_per_pass = max_clips_per_pass
         self.raw_device = torch.device(raw_device)
-        self._staging: torch.Tensor | None = None
-        self._pixel_staging: torch.Tensor | None = None
-        self._pixels_sent = None  # a CUDA event: the last pixel copy out of the pinned buffer has finished
+        self._pixel_staging = _PinnedPair(max_clips_per_pass)
+        self._raw_staging = _PinnedPair(max_clips_per_pass)
         tower = modules.vision_tower
         self._tower = getattr(tower, "vision_model", tower)  # transformers 4 wraps the layers one level down
         num_layers = len(self._tower.encoder.layers)
@@ -80,11 +122,17 @@ class PerceptionEncoder:
     @torch.inference_mode()
     def encode(self, clips: Sequence[Clip]) -> list[ClipFeatures]:
         features: list[ClipFeatures] = []
+        previous: _LaunchedChunk | None = None
         for first in range(0, len(clips), self.max_clips_per_pass):
-            features += self._encode_chunk(clips[first : first + self.max_clips_per_pass])
+            launched = self._launch_chunk(clips[first : first + self.max_clips_per_pass])
+            if previous is not None:  # host work of the previous chunk, while the device runs this one
+                features += self._finish_chunk(previous)
+            previous = launched
+        if previous is not None:
+            features += self._finish_chunk(previous)
         return features
 
-    def _encode_chunk(self, clips: Sequence[Clip]) -> list[ClipFeatures]:
+    def _launch_chunk(self, clips: Sequence[Clip]) -> _LaunchedChunk:
         # Named ranges show up in torch.profiler traces (benchmarks/sidecar_bench.py --profile); free otherwise.
         with record_function("perception.clip_tower"):
             raw = self.raw_tokens(self._pixels_on_device(clips))
@@ -93,44 +141,39 @@ class PerceptionEncoder:
         with record_function("perception.first_pass"):
             memory, indicator = self.first_pass([time_prompt(clip) for clip in clips], projected)
         with record_function("perception.raw_to_host"):
-            raw = self._raw_to_keep(raw)
-        return [
-            ClipFeatures(index=clip.index, start=clip.start, end=clip.end, raw=raw[i].clone(),
-                         memory=memory[i].clone(), indicator=indicator[i].clone())
-            for i, clip in enumerate(clips)
-        ]
+            raw, copied = self._start_raw_copy(raw)
+        return _LaunchedChunk(clips, raw, memory, indicator, copied)
+
+    def _finish_chunk(self, chunk: _LaunchedChunk) -> list[ClipFeatures]:
+        with record_function("perception.keep_clips"):
+            if chunk.copied is not None:
+                chunk.copied.synchronize()
+            return [
+                ClipFeatures(index=clip.index, start=clip.start, end=clip.end, raw=chunk.raw[i].clone(),
+                             memory=chunk.memory[i].clone(), indicator=chunk.indicator[i].clone())
+                for i, clip in enumerate(chunk.clips)
+            ]
 
     def _pixels_on_device(self, clips: Sequence[Clip]) -> torch.Tensor:
-        """The clips' pixels [N, 16, 3, H, W] on the model's device. To a GPU they go through one reused pinned
-        buffer: an asynchronous copy at full bus speed instead of a pageable one of a fresh 600 MB batch."""
+        """The clips' pixels [N, 16, 3, H, W] on the model's device. To a GPU they go through a reused pinned
+        buffer: an asynchronous copy at full bus speed instead of a pageable one of a fresh batch."""
         if self.modules.device.type != "cuda":
             return torch.stack([clip.pixels for clip in clips])
         shape = (len(clips), *clips[0].pixels.shape)
-        staging = self._pixel_staging
-        if staging is None or staging.shape[0] < shape[0] or staging.shape[1:] != shape[1:]:
-            rows = max(shape[0], self.max_clips_per_pass)
-            staging = self._pixel_staging = torch.empty((rows, *shape[1:]), dtype=torch.float32, pin_memory=True)
-        elif self._pixels_sent is not None:
-            self._pixels_sent.synchronize()  # the previous batch's copy has left the buffer
-        batch = torch.stack([clip.pixels for clip in clips], out=staging[: shape[0]])
-        on_device = batch.to(self.modules.device, non_blocking=True)
-        self._pixels_sent = torch.cuda.Event()
-        self._pixels_sent.record()
+        staging, index = self._pixel_staging.take(shape, torch.float32)
+        torch.stack([clip.pixels for clip in clips], out=staging)
+        on_device = staging.to(self.modules.device, non_blocking=True)
+        self._pixel_staging.copy_recorded(index)
         return on_device
 
-    def _raw_to_keep(self, raw: torch.Tensor) -> torch.Tensor:
-        """The batch's raw on ``raw_device``; GPU -> host goes through one reused pinned buffer (much faster
-        than a pageable copy per clip). Each clip then clones its own slice."""
+    def _start_raw_copy(self, raw: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+        """Start moving the chunk's raw to ``raw_device``. GPU -> host goes asynchronously into a reused pinned
+        buffer (much faster than a pageable copy per clip); the returned event says when it has landed."""
         if not (raw.device.type == "cuda" and self.raw_device.type == "cpu"):
-            return raw.to(self.raw_device)
-        staging = self._staging
-        if (staging is None or staging.shape[0] < len(raw) or staging.shape[1:] != raw.shape[1:]
-                or staging.dtype != raw.dtype):
-            rows = max(len(raw), self.max_clips_per_pass)
-            staging = self._staging = torch.empty((rows, *raw.shape[1:]), dtype=raw.dtype, pin_memory=True)
-        staging = staging[: len(raw)]
-        staging.copy_(raw)
-        return staging
+            return raw.to(self.raw_device), None
+        staging, index = self._raw_staging.take(tuple(raw.shape), raw.dtype)
+        staging.copy_(raw, non_blocking=True)
+        return staging, self._raw_staging.copy_recorded(index)
 
     def raw_tokens(self, pixels: torch.Tensor) -> torch.Tensor:
         """pixels [N, 16, 3, H, W] -> raw [N, 16*64, 4C]: merged CLIP patches, frame-major."""

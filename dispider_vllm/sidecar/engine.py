@@ -100,7 +100,7 @@ class SidecarEngine:
     ) -> None:
         self.modules = modules
         self.preprocessor = preprocessor or PreprocessorConfig()
-        self.encoder = PerceptionEncoder(modules, max_clips_per_pass=max_batch_clips)
+        self.encoder = PerceptionEncoder(modules)
         self.decision = DecisionEngine(modules, decision_config or DecisionConfig(), force_respond=respond_policy)
         self.max_batch_clips = max_batch_clips
         self.streams: OrderedDict[str, StreamState] = OrderedDict()

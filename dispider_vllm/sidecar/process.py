@@ -117,12 +117,34 @@ class VideoDecoder:
                     del self._pending[command.stream_id]
 
 
+class CommandIntake:
+    """Reads the server's commands off the process pipe on a thread of its own, into an in-process queue.
+
+    The pipe holds less than one 320x240 frame, and the server's feeder thread writes the next command only after
+    the previous one has been read; a loop that read the pipe only between batched steps took about one frame per
+    step and fell behind at a few hundred frames/s while clips waited upstream. This thread keeps the pipe
+    flowing during steps (the main thread waits on the GPU with the GIL released), and a drain takes it all.
+    """
+
+    def __init__(self, commands) -> None:
+        self.queue: queue.Queue = queue.Queue()
+        threading.Thread(target=self._pump, args=(commands,), name="sidecar-intake", daemon=True).start()
+
+    def _pump(self, commands) -> None:
+        while True:
+            command = commands.get()
+            self.queue.put(command)
+            if isinstance(command, Shutdown):
+                return
+
+
 def _serve(engine, commands, events) -> None:
     decoder = VideoDecoder()
+    intake = CommandIntake(commands)
     last_stats = 0.0
     while True:
         idle = not engine.has_work() and not decoder.has_ready()
-        for command in _drain(commands, block=idle):
+        for command in _drain(intake.queue, block=idle):
             if isinstance(command, Shutdown):
                 return
             if decoder.takes(command):
