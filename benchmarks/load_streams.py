@@ -2,6 +2,8 @@
 
     # a running server
     python benchmarks/load_streams.py --url http://127.0.0.1:8000 --streams 8 --duration 120 --out load.json
+    # 256 streams pushed from 4 client processes (the default, auto, picks 4 as well: one per 64 streams)
+    python benchmarks/load_streams.py --url http://127.0.0.1:8000 --streams 256 --client-procs 4 --out load256.json
     # start the server too (its arguments after --); with random weights force an answer every 4th clip
     python benchmarks/load_streams.py --start-server --respond-every 4 --sweep 8 16 32 64 --duration 160 \\
         --out benchmarks/results/load_h200.json -- --checkpoint /models/Dispider
@@ -30,6 +32,14 @@ latency <= 2 s, p99 time to first token <= 1.5 s, every session decided every cl
 ``--sweep N1 N2 ...`` runs each N in increasing order, stops after the first that is not real-time, and reports
 the largest that was. Needs ``--respond-every`` on the server for a steady answer rate with random weights.
 Before the first run, one short stream warms the server up (first batches, compilation); ``--no-warmup`` skips it.
+
+One client process cannot push 256 streams in real time (its event loop lags and frames go late), so
+``--client-procs K`` spreads each run's streams over K spawned client processes (round-robin), each with its own
+event loop and HTTP client; ``auto`` (the default) is 1 up to 64 streams, else one per 64 streams, at most half
+the cores. Every stream keeps its start (stream i at i * stagger / N) from one time origin that all processes
+share; this process samples the server, the GPU and /metrics, and merges the streams' logs before the statistics.
+``client_loop_lag_s`` is the worst client process's (``client_loop_lag_by_proc_s``: each one's); a p99 over
+0.25 s is noted in the verdict: use more client processes.
 """
 
 from __future__ import annotations
@@ -38,14 +48,17 @@ import argparse
 import asyncio
 import json
 import math
+import multiprocessing
+import multiprocessing.connection
 import os
 import platform
 import resource
 import shutil
+import signal
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import httpx
@@ -82,6 +95,12 @@ LOOP_LAG_LIMIT_S = 0.25  # above this (p99), the load generator itself could not
 SAMPLE_METRICS_EVERY_S = 2.0
 SAMPLE_GPU_EVERY_S = 5.0
 REPORT_VERSION = 1
+STREAMS_PER_CLIENT_PROC = 64  # --client-procs auto: one client process per this many streams
+CLIENT_START_TIMEOUT_S = 120.0  # a client process imports and reports ready within this
+CLIENT_START_MARGIN_S = 0.5  # the common time origin lies this far after the "start" message is sent
+# Forget idle connections well before the server's keep-alive timeout (uvicorn: 5 s): reusing one the server is
+# closing at that moment fails the request with a ReadError (seen once among 128 streams on the H200).
+KEEPALIVE_EXPIRY_S = 2.0
 
 
 # ---- settings ------------------------------------------------------------------------------------------------------
@@ -100,6 +119,7 @@ class LoadConfig:
     max_p99_ttft_s: float = MAX_P99_TTFT_S
     jpeg_quality: int = 85
     api_key: str | None = None  # for a server run with --tenants
+    blocking_reaction: bool = False  # the baseline: each session's input held from a trigger to its answer's end
 
     @property
     def late_after_s(self) -> float:
@@ -185,7 +205,8 @@ async def run_stream(index: int, count: int, http: httpx.AsyncClient, url: str, 
 async def open_logged(http: httpx.AsyncClient, url: str, config: LoadConfig, log: StreamLog) -> dict | None:
     """Open the stream's session and note it in ``log``; None (and the failure, with any refusing status) if refused."""
     settings = StreamSettings(url=url, question=f"[stream {log.index}] {config.question}",
-                              max_tokens=config.max_tokens, api_key=config.api_key)
+                              max_tokens=config.max_tokens, api_key=config.api_key,
+                              blocking_reaction=config.blocking_reaction or None)
     try:
         session = await open_session(http, settings)
     except (StreamClientError, httpx.HTTPError) as error:
@@ -323,20 +344,56 @@ class LoadRun:
     after: MetricsSnapshot | None
     run_start: float
     wall_s: float
+    client_procs: int = 1
+    loop_lag_by_proc: list[list[float]] = field(default_factory=list)  # per client process, when there are several
 
     def summary(self, config: LoadConfig) -> dict:
-        return summarize_run(self.streams, self.logs, self.samples, self.before, self.after, self.run_start,
-                             self.wall_s, config)
+        summary = summarize_run(self.streams, self.logs, self.samples, self.before, self.after, self.run_start,
+                                self.wall_s, config)
+        summary["client_procs"] = self.client_procs
+        if len(self.loop_lag_by_proc) > 1:  # client_loop_lag_s holds the worst process's samples
+            summary["client_loop_lag_by_proc_s"] = [distribution(lags) for lags in self.loop_lag_by_proc]
+        return summary
 
 
-async def run_load(url: str, streams: int, frames: list[EncodedFrame], config: LoadConfig) -> dict:
-    return (await collect_load(url, streams, frames, config)).summary(config)
+def resolve_client_procs(setting: int | str, streams: int) -> int:
+    """``--client-procs``: "auto" is one process up to 64 streams, else one per 64 (rounded up), at most half the
+    cores; a number is taken as given. Never more processes than streams."""
+    if setting == "auto":
+        procs = 1 if streams <= STREAMS_PER_CLIENT_PROC else math.ceil(streams / STREAMS_PER_CLIENT_PROC)
+        procs = min(procs, (os.cpu_count() or 2) // 2)
+    else:
+        procs = int(setting)
+    return max(1, min(procs, streams))
+
+
+def client_procs_arg(text: str) -> int | str:
+    """argparse type of ``--client-procs``: "auto" or an integer >= 1."""
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"'auto' or an integer >= 1, not {text!r}")
+    return value
+
+
+async def run_load(url: str, streams: int, frames: list[EncodedFrame], config: LoadConfig,
+                   client_procs: int = 1) -> dict:
+    return (await collect_load(url, streams, frames, config, client_procs=client_procs)).summary(config)
 
 
 async def collect_load(url: str, streams: int, frames: list[EncodedFrame], config: LoadConfig,
-                       stream=run_stream) -> LoadRun:
-    """Run ``streams`` streams (``stream``: run_stream's signature) with the samplers beside them."""
-    limits = httpx.Limits(max_connections=2 * streams + 16, max_keepalive_connections=2 * streams + 16)
+                       stream=run_stream, client_procs: int = 1) -> LoadRun:
+    """Run ``streams`` streams (``stream``: run_stream's signature) with the samplers beside them; with
+    ``client_procs`` > 1 the streams run in that many spawned client processes (``stream`` must then pickle)."""
+    procs = max(1, min(client_procs, streams))
+    if procs > 1:
+        return await collect_load_in_procs(url, streams, frames, config, stream, procs)
+    limits = httpx.Limits(max_connections=2 * streams + 16, max_keepalive_connections=2 * streams + 16,
+                          keepalive_expiry=KEEPALIVE_EXPIRY_S)
     async with httpx.AsyncClient(base_url=url, timeout=30, limits=limits, headers=auth_headers(config.api_key)) as http:
         before = await scrape(http)
         samples = Samples()
@@ -347,12 +404,205 @@ async def collect_load(url: str, streams: int, frames: list[EncodedFrame], confi
             logs = await asyncio.gather(*(stream(i, streams, http, url, frames, config, run_start)
                                           for i in range(streams)))
         finally:
-            for helper in helpers:
-                helper.cancel()
-            await asyncio.gather(*helpers, return_exceptions=True)
+            await stop_helpers(helpers)
         wall = time.monotonic() - run_start
         after = await scrape(http)
     return LoadRun(streams, list(logs), samples, before, after, run_start, wall)
+
+
+async def collect_load_in_procs(url: str, streams: int, frames: list[EncodedFrame], config: LoadConfig, stream,
+                                procs: int) -> LoadRun:
+    """The streams split round-robin over ``procs`` client processes, each with its own event loop and HTTP
+    client; this process samples the server and the GPU. Stream i still starts i * stagger / N after the one
+    time origin that every process shares (a wall-clock instant sent with the start)."""
+    async with httpx.AsyncClient(base_url=url, timeout=30, headers=auth_headers(config.api_key)) as http:
+        clients = ClientProcesses(url, streams, procs, frames, config, stream)
+        graceful = False
+        try:
+            await clients.collect("ready", CLIENT_START_TIMEOUT_S)
+            before = await scrape(http)
+            run_start = time.monotonic() + CLIENT_START_MARGIN_S
+            clients.start(time.time() + CLIENT_START_MARGIN_S)
+            await asyncio.sleep(max(0.0, run_start - time.monotonic()))
+            samples = Samples()
+            helpers = [asyncio.create_task(sample_server(http, samples, run_start)),
+                       asyncio.create_task(sample_gpu(samples))]
+            try:
+                results = await clients.collect("result", None)
+            finally:
+                await stop_helpers(helpers)
+            graceful = True
+        finally:
+            clients.close(graceful)
+        wall = time.monotonic() - run_start
+        after = await scrape(http)
+    logs = []
+    for result in results:
+        shift = run_start - result.run_start  # this process's monotonic clock from the client's
+        logs.extend(shift_log_times(log, shift) for log in result.logs)
+    logs.sort(key=lambda log: log.index)
+    by_proc = [result.loop_lag_s for result in results]
+    worst = max(by_proc, key=lambda lags: (distribution(lags)["p99"] or 0.0, max(lags, default=0.0)))
+    samples.loop_lag_s = list(worst)
+    return LoadRun(streams, logs, samples, before, after, run_start, wall, procs, by_proc)
+
+
+async def stop_helpers(helpers: list[asyncio.Task]) -> None:
+    for helper in helpers:
+        helper.cancel()
+    await asyncio.gather(*helpers, return_exceptions=True)
+
+
+def shift_log_times(log: StreamLog, shift: float) -> StreamLog:
+    """``log`` with its instants (time.monotonic() of the process that recorded them) moved by ``shift`` seconds;
+    times relative to the run's start (push_lag) and durations stay as they are."""
+    if shift == 0.0:
+        return log
+    log.sent_at = [(timestamp, sent + shift) for timestamp, sent in log.sent_at]
+    if log.end_sent_at is not None:
+        log.end_sent_at += shift
+    if log.events is not None:
+        log.events.decisions = [replace(d, received_at=d.received_at + shift) for d in log.events.decisions]
+        for response in log.events.responses.values():
+            response.first_at = None if response.first_at is None else response.first_at + shift
+            response.ended_at = None if response.ended_at is None else response.ended_at + shift
+            response.chunk_at = [at + shift for at in response.chunk_at]
+    return log
+
+
+# ---- client processes (--client-procs) -----------------------------------------------------------------------
+@dataclass
+class ClientResult:
+    """What one client process sends back: its streams' logs, its own event loop's lag, and its run start (its
+    time.monotonic() at the shared origin)."""
+
+    logs: list[StreamLog]
+    loop_lag_s: list[float]
+    run_start: float
+
+
+class ClientProcesses:
+    """Spawned client processes (no forked event loop or sockets), one pipe each. Messages from a client:
+    ("ready", None), then ("result", ClientResult), or ("error", why) at any time; to a client:
+    ("start", origin as time.time())."""
+
+    def __init__(self, url: str, streams: int, procs: int, frames: list[EncodedFrame], config: LoadConfig,
+                 stream) -> None:
+        context = multiprocessing.get_context("spawn")
+        self.processes, self.pipes = [], []
+        try:
+            for k in range(procs):
+                ours, theirs = context.Pipe()
+                process = context.Process(target=client_main, name=f"load-client-{k}", daemon=True,
+                                          args=(theirs, url, list(range(k, streams, procs)), streams, frames,
+                                                config, stream))
+                process.start()
+                theirs.close()
+                self.processes.append(process)
+                self.pipes.append(ours)
+        except BaseException:
+            self.close(graceful=False)
+            raise
+
+    def start(self, origin_wall: float) -> None:
+        for pipe in self.pipes:
+            pipe.send(("start", origin_wall))
+
+    async def collect(self, expected: str, timeout_s: float | None) -> list:
+        """The payload of every client's next ``expected`` message, in client order; a client's error, or its
+        exit without one, raises StreamClientError."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        pending = {pipe: k for k, pipe in enumerate(self.pipes)}
+        payloads: list = [None] * len(self.pipes)
+        while pending:
+            ready = await asyncio.to_thread(multiprocessing.connection.wait, list(pending), 0.5)
+            for pipe in ready:
+                k = pending.pop(pipe)
+                try:
+                    tag, payload = pipe.recv()
+                except (EOFError, OSError):
+                    raise StreamClientError(f"client process {k} exited (code {self.processes[k].exitcode})") \
+                        from None
+                if tag == "error":
+                    raise StreamClientError(f"client process {k} failed: {payload}")
+                if tag != expected:
+                    raise StreamClientError(f"client process {k} sent {tag!r}, expected {expected!r}")
+                payloads[k] = payload
+            if deadline is not None and pending and time.monotonic() > deadline:
+                raise StreamClientError(f"no {expected!r} from {len(pending)} client process(es) within "
+                                        f"{timeout_s:.0f} s")
+        return payloads
+
+    def close(self, graceful: bool) -> None:
+        """Wait for clients that are done; stop the others (SIGTERM: their streams delete their sessions)."""
+        if graceful:
+            for process in self.processes:
+                process.join(10)
+        for process in self.processes:
+            if process.is_alive():
+                process.terminate()
+        for process in self.processes:
+            process.join(15)
+            if process.is_alive():
+                process.kill()
+                process.join()
+        for pipe in self.pipes:
+            pipe.close()
+
+
+def client_main(pipe, url: str, indices: list[int], count: int, frames: list[EncodedFrame], config: LoadConfig,
+                stream) -> None:
+    """A client process: its share of the streams (``indices`` of ``count``), started from the shared origin."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # on Ctrl-C the parent stops its clients
+    try:
+        raise_open_files_limit(len(indices))
+        result = asyncio.run(client_streams(pipe, url, indices, count, frames, config, stream))
+        pipe.send(("result", result))
+    except BaseException as error:  # noqa: BLE001 - whatever it was, the parent reports it
+        try:
+            pipe.send(("error", f"{type(error).__name__}: {error}"))
+        except OSError:
+            pass  # the parent is gone
+    finally:
+        pipe.close()
+
+
+async def client_streams(pipe, url: str, indices: list[int], count: int, frames: list[EncodedFrame],
+                         config: LoadConfig, stream) -> ClientResult:
+    main = asyncio.current_task()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, main.cancel)  # streams end their sessions
+    watchdog = asyncio.create_task(cancel_when_parent_dies(main))
+    limits = httpx.Limits(max_connections=2 * len(indices) + 16, max_keepalive_connections=2 * len(indices) + 16,
+                          keepalive_expiry=KEEPALIVE_EXPIRY_S)
+    try:
+        async with httpx.AsyncClient(base_url=url, timeout=30, limits=limits,
+                                     headers=auth_headers(config.api_key)) as http:
+            pipe.send(("ready", None))
+            while not await asyncio.to_thread(pipe.poll, 0.5):
+                pass
+            tag, origin_wall = pipe.recv()
+            if tag != "start":
+                raise StreamClientError(f"expected 'start', got {tag!r}")
+            run_start = time.monotonic() + (origin_wall - time.time())  # the shared origin on this clock
+            await asyncio.sleep(max(0.0, run_start - time.monotonic()))
+            samples = Samples()
+            lagger = asyncio.create_task(sample_loop_lag(samples))
+            try:
+                logs = await asyncio.gather(*(stream(i, count, http, url, frames, config, run_start)
+                                              for i in indices))
+            finally:
+                await stop_helpers([lagger])
+    finally:
+        await stop_helpers([watchdog])
+    return ClientResult(list(logs), samples.loop_lag_s, run_start)
+
+
+async def cancel_when_parent_dies(task: asyncio.Task, every_s: float = 1.0) -> None:
+    """A client whose parent died (killed, no clean-up) stops too instead of streaming on unseen."""
+    parent = multiprocessing.parent_process()
+    while parent is None or parent.is_alive():
+        await asyncio.sleep(every_s)
+    task.cancel()
 
 
 async def scrape(http: httpx.AsyncClient) -> MetricsSnapshot | None:
@@ -564,7 +814,7 @@ def judge_realtime(summary: dict, logs: list[StreamLog], config: LoadConfig) -> 
     loop_p99 = summary["client_loop_lag_s"]["p99"]
     if loop_p99 is not None and loop_p99 > LOOP_LAG_LIMIT_S:
         notes.append(f"the load generator's own event loop lagged (p99 {loop_p99:.2f} s): results may understate "
-                     "the server; run fewer streams per client process")
+                     "the server; run fewer streams per client process (--client-procs)")
     return {"ok": not reasons, "reasons": reasons, "notes": notes}
 
 
@@ -611,6 +861,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                                                      "(default 120)")
     parser.add_argument("--api-key", default=os.environ.get("DISPIDER_API_KEY"),
                         help="API key for a server run with --tenants (default $DISPIDER_API_KEY)")
+    parser.add_argument("--blocking-reaction", action="store_true",
+                        help="open every session with \"blocking_reaction\": true (the blocking baseline: a "
+                             "session's input waits from a trigger until its answer ends) on any server")
     parser.add_argument("--respond-every", type=int, metavar="N",
                         help="with --start-server: the server forces an answer every N clips (random weights "
                              "decide at random); with --url: only recorded, it must match the server's")
@@ -638,6 +891,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--server-start-timeout", type=float, default=900.0, metavar="S")
     parser.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=True,
                         help="run one short stream before measuring (default on)")
+    parser.add_argument("--client-procs", type=client_procs_arg, default="auto", metavar="K",
+                        help=f"spread each run's streams over K client processes (default auto: 1 up to "
+                             f"{STREAMS_PER_CLIENT_PROC} streams, else one per {STREAMS_PER_CLIENT_PROC}, at most "
+                             "half the cores)")
     parser.add_argument("--out", type=Path, help="write the JSON report here")
     return parser
 
@@ -725,7 +982,8 @@ def environment() -> dict:
 def print_run(run: dict) -> None:
     d, r, f = run["decisions"], run["responses"], run["frames"]
     verdict = "REAL-TIME" if run["realtime"]["ok"] else "not real-time: " + "; ".join(run["realtime"]["reasons"])
-    print(f"N={run['streams']:<4} decision p50/p99 {_ms(d['latency_client_s'])} (server {_ms(d['latency_server_s'])}), "
+    print(f"N={run['streams']:<4} client procs {run.get('client_procs', 1)}, "
+          f"decision p50/p99 {_ms(d['latency_client_s'])} (server {_ms(d['latency_server_s'])}), "
           f"TTFT {_ms(r['ttft_s'])}, ITL p50 {_fmt(r['itl_s']['p50'])}, {r['answered']}/{r['triggers']} answered, "
           f"frames late {f['late']} dropped {f['dropped']}  -> {verdict}", flush=True)
     for note in run["realtime"]["notes"]:
@@ -753,13 +1011,15 @@ async def warm_up(url: str, frames: list[EncodedFrame], config: LoadConfig) -> N
 
 
 async def run_counts(url: str, counts: list[int], frames: list[EncodedFrame], config: LoadConfig,
-                     stop_at_failure: bool, warmup: bool) -> list[dict]:
+                     stop_at_failure: bool, warmup: bool, client_procs: int | str = 1) -> list[dict]:
     if warmup:
         await warm_up(url, frames, config)
     runs = []
     for streams in counts:
-        print(f"running {streams} streams for {config.duration_s:g} s of video each ...", flush=True)
-        run = await run_load(url, streams, frames, config)
+        procs = resolve_client_procs(client_procs, streams)
+        print(f"running {streams} streams for {config.duration_s:g} s of video each"
+              + (f" from {procs} client processes" if procs > 1 else "") + " ...", flush=True)
+        run = await run_load(url, streams, frames, config, client_procs=procs)
         print_run(run)
         runs.append(run)
         if stop_at_failure and not run["realtime"]["ok"]:
@@ -784,7 +1044,8 @@ def main(argv: list[str] | None = None) -> None:
     config = LoadConfig(duration_s=args.duration, fps=args.fps, speed=args.speed, stagger_s=args.stagger,
                         max_tokens=args.max_tokens, drop_after_s=args.drop_after, drain_timeout_s=args.drain_timeout,
                         growth_tolerance_s=args.growth_tolerance, max_p99_decision_s=args.max_p99_decision,
-                        max_p99_ttft_s=args.max_p99_ttft, api_key=args.api_key)
+                        max_p99_ttft_s=args.max_p99_ttft, api_key=args.api_key,
+                        blocking_reaction=args.blocking_reaction)
     raise_open_files_limit(max(counts))
     started = time.time()
     server = None
@@ -799,7 +1060,7 @@ def main(argv: list[str] | None = None) -> None:
         url = server.url if server else args.url.rstrip("/")
         check_reachable(url)
         runs = asyncio.run(run_counts(url, counts, frames, config, stop_at_failure=bool(args.sweep) and not args.sweep_all,
-                                      warmup=args.warmup))
+                                      warmup=args.warmup, client_procs=args.client_procs))
     except (StreamClientError, ServerStartError) as error:
         sys.exit(f"load_streams: {error}")
     except KeyboardInterrupt:
@@ -813,7 +1074,9 @@ def main(argv: list[str] | None = None) -> None:
         "device": device_label(),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
         "config": {**{k: v for k, v in asdict(config).items() if k != "api_key"}, "video": video, "frames_in_loop": len(frames),
-                   "respond_every": args.respond_every, "stream_counts": counts, "warmup": args.warmup},
+                   "respond_every": args.respond_every, "blocking_reaction": args.blocking_reaction, "stream_counts": counts, "warmup": args.warmup,
+                   "client_procs": args.client_procs,
+                   "client_procs_by_streams": {str(n): resolve_client_procs(args.client_procs, n) for n in counts}},
         "server": {"url": url, "started_by_benchmark": server is not None,
                    "args": server.command[3:] if server else None},
         "environment": environment(),

@@ -14,7 +14,9 @@ after ``--``, and runs two phases on that one server:
 
 Streams are those of ``benchmarks/load_streams.py`` (same code, same statistics). The flood runs in a child
 process with its own event loop, so the light tenant's client-side times (time to first token) are not
-delayed by the load generator serving the flood's hundreds of streams.
+delayed by the load generator serving the flood's hundreds of streams; that child spreads the flood's streams
+over ``--flood-client-procs`` client processes of its own (load_streams' ``--client-procs``; default auto: one
+per 64 streams, at most half the cores), so that the flood too is pushed in real time.
 
 Recorded for the light tenant in each phase: decision latency p50/p90/p99 (the server's ``latency_s``: clip's
 last frame received -> decision; and the client's), time to first token p50/p99, answers, frames dropped,
@@ -111,6 +113,7 @@ class FloodPlan:
     mode: str  # "push": real-time JPEG frames; "upload": one long video chunk per stream
     config: ls.LoadConfig
     upload_video: str | None = None  # mode "upload": the video file each stream sends
+    client_procs: int = 1  # the flood's streams spread over this many client processes (load_streams)
 
 
 async def upload_stream(video: bytes, stop, index: int, count: int, http: httpx.AsyncClient, url: str,
@@ -153,7 +156,7 @@ async def run_flood(url: str, frames: list[ls.EncodedFrame], plan: FloodPlan, me
     if plan.mode == "upload":
         stream = partial(upload_stream, Path(plan.upload_video).read_bytes(), stop)
     messages.put(("started", None))
-    run = await ls.collect_load(url, plan.streams, frames, plan.config, stream=stream)
+    run = await ls.collect_load(url, plan.streams, frames, plan.config, stream=stream, client_procs=plan.client_procs)
     return tenant_record(run, plan.config)
 
 
@@ -173,8 +176,9 @@ class FloodProcess:
         context = multiprocessing.get_context("spawn")
         self.messages = context.Queue()
         self.stop_flag = context.Event()
+        # a daemonic process may not start client processes of its own; close() stops it either way
         self.process = context.Process(target=flood_main, args=(url, frames, plan, self.messages, self.stop_flag),
-                                       name="tenancy-flood", daemon=True)
+                                       name="tenancy-flood", daemon=plan.client_procs <= 1)
         self.process.start()
 
     async def receive(self, expected: str, timeout_s: float):
@@ -287,7 +291,8 @@ async def phase_alone(url: str, args: argparse.Namespace, frames, light: ls.Load
 
 async def phase_with_flood(url: str, args: argparse.Namespace, frames, light: ls.LoadConfig,
                            plan: FloodPlan) -> dict:
-    print(f"phase with_flood: tenant flood, {plan.streams} streams ({plan.mode}), then after {args.head_start:g} s "
+    print(f"phase with_flood: tenant flood, {plan.streams} streams ({plan.mode}, {plan.client_procs} client "
+          f"process{'es' if plan.client_procs > 1 else ''}), then after {args.head_start:g} s "
           f"tenant light, {args.light_streams} streams ...", flush=True)
     started = time.monotonic()
     flood = FloodProcess(url, frames, plan)
@@ -411,6 +416,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "flood stream sends one long video chunk at once")
     parser.add_argument("--upload-seconds", type=float, default=720.0, metavar="S",
                         help="--flood-mode upload: seconds of video each flood stream uploads (default 720)")
+    parser.add_argument("--flood-client-procs", type=ls.client_procs_arg, default="auto", metavar="K",
+                        help="spread the flood's streams over K client processes (default auto: 1 up to "
+                             f"{ls.STREAMS_PER_CLIENT_PROC} streams, else one per {ls.STREAMS_PER_CLIENT_PROC}, "
+                             "at most half the cores)")
     parser.add_argument("--flood-max-sessions", type=int, metavar="N",
                         help="a max_sessions quota for the flood tenant (its streams past N get 429); default none. "
                              "Admission (--capacity-streams) is server-wide: a flood that fills it gets the light "
@@ -540,6 +549,7 @@ def build_report(args: argparse.Namespace, command: str, server: LocalServer, vi
                  phases: dict, started: float, notes: list[str]) -> dict:
     config = {
         "light_streams": args.light_streams, "flood_streams": args.flood_streams, "flood_mode": args.flood_mode,
+        "flood_client_procs": plan.client_procs,
         "duration_s": args.duration, "head_start_s": args.head_start, "flood_duration_s": plan.config.duration_s,
         "upload_seconds": args.upload_seconds if args.flood_mode == "upload" else None,
         "frame_size": args.frame_size, "video": video, "frames_in_loop": len(frames),
@@ -589,7 +599,8 @@ def main(argv: list[str] | None = None) -> None:
             tenants_file, keys = write_tenants_file(Path(folder), args.flood_max_sessions)
             light, flood_config = load_configs(args, keys)
             upload_video = make_upload_video(Path(folder), args, size)
-            plan = FloodPlan(args.flood_streams, args.flood_mode, flood_config, upload_video)
+            plan = FloodPlan(args.flood_streams, args.flood_mode, flood_config, upload_video,
+                             ls.resolve_client_procs(args.flood_client_procs, args.flood_streams))
             frames, video = ls.prepare_frames(args.video, size, light.fps, light.jpeg_quality)
             total = args.light_streams + args.flood_streams
             # known here before it starts, so that an interrupt while it starts still stops it

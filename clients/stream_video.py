@@ -93,6 +93,7 @@ class StreamSettings:
     duration_s: float | None = None  # stop after this much video time (a camera never ends by itself)
     end_timeout_s: float = 300.0  # after the last frame: how long to wait for the remaining answers
     api_key: str | None = None  # for a server run with --tenants (sent as Authorization: Bearer KEY)
+    blocking_reaction: bool | None = None  # the benchmark baseline: input held while answering; None: server's
 
 
 @dataclass(frozen=True)
@@ -274,6 +275,8 @@ async def open_session(http: httpx.AsyncClient, settings: StreamSettings) -> dic
     body: dict = {"question": settings.question, "clip_mode": settings.clip_mode}
     if settings.max_tokens is not None:
         body["max_tokens"] = settings.max_tokens
+    if settings.blocking_reaction is not None:
+        body["blocking_reaction"] = settings.blocking_reaction
     async with reaching(settings.url):
         response = await http.post("/v1/sessions", json=body)
     raise_for_api_error(response)

@@ -12,6 +12,7 @@ import asyncio
 import importlib.util
 import json
 import math
+import os
 import re
 import subprocess
 import sys
@@ -207,6 +208,35 @@ def test_load_benchmark_report_is_well_formed(dispider_server, tmp_path):
     assert isinstance(run["realtime"]["ok"], bool) and isinstance(run["realtime"]["reasons"], list)
     assert run["server_metrics"]["decision_latency_s"]["count"] >= 4
     assert_numbers_finite(report)
+
+
+@pytest.mark.timeout(300)
+def test_load_benchmark_merges_client_processes(dispider_server, tmp_path):
+    """--client-procs 2: each stream in its own spawned client process, the logs merged into one report."""
+    out = tmp_path / "load.json"
+    done = run_python("benchmarks/load_streams.py", "--url", dispider_server.url, "--streams", "2",
+                      "--client-procs", "2", "--duration", "16", "--speed", "2", "--stagger", "2",
+                      "--max-tokens", "4", "--frame-size", "320x240", "--no-warmup", "--out", str(out))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "client procs 2" in done.stdout
+    report = json.loads(out.read_text())
+    assert report["config"]["client_procs"] == 2
+    (run,) = report["runs"]
+    assert run["client_procs"] == 2 and len(run["client_loop_lag_by_proc_s"]) == 2
+    assert run["frames"]["sent"] + run["frames"]["dropped"] == 32
+    assert run["decisions"]["count"] == run["decisions"]["expected"] == 2  # one clip from each stream
+    assert run["decisions"]["latency_client_s"]["count"] == 2  # both streams' send times line up with their events
+    assert not run["errors"]["failed_streams"] and not run["errors"]["events"]
+    assert_numbers_finite(report)
+
+
+def test_load_benchmark_client_procs_auto():
+    bench = load_benchmark_module()
+    cap = max(1, (os.cpu_count() or 2) // 2)
+    assert [bench.resolve_client_procs("auto", n) for n in (1, 64)] == [1, 1]
+    assert bench.resolve_client_procs("auto", 256) == min(4, cap)
+    assert bench.resolve_client_procs("auto", 320) == min(5, cap)
+    assert bench.resolve_client_procs(3, 256) == 3 and bench.resolve_client_procs(8, 2) == 2
 
 
 def assert_numbers_finite(value, path="report") -> None:
