@@ -89,7 +89,7 @@ def run_ours(modules, pixels, args, device) -> dict:
         if round_index >= warmup:
             timings.append(elapsed)
         print(f"[sidecar-bench] ours: round {round_index}: {args.streams} clips in {elapsed:.3f} s", flush=True)
-    if args.profile:
+    if args.profile and not args.compare_unfused_running:
         profile_steps(engine, pixels, args, device)
     clips = args.streams * args.rounds
     seconds = sum(timings)
@@ -106,9 +106,26 @@ def run_ours(modules, pixels, args, device) -> dict:
         "step_ms_p50": statistics.median(step_ms),
         "step_ms_max": max(step_ms),
         "triggers": triggers,
+        "fused_kernels": engine.encoder.lm.fused,
     }
     if device.type == "cuda":
         result["gpu_peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
+    return result
+
+
+def run_unfused(modules, pixels, args, device) -> dict:
+    """Ours again with vLLM's fused kernels off: the same engine on plain-torch elementwise kernels."""
+    os.environ["DISPIDER_FUSED_OPS"] = "0"
+    args.compare_unfused_running = True
+    try:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        result = run_ours(modules, pixels, args, device)
+    finally:
+        os.environ.pop("DISPIDER_FUSED_OPS")
+        args.compare_unfused_running = False
+    print(f"[sidecar-bench] ours, unfused kernels: {result}", flush=True)
     return result
 
 
@@ -240,9 +257,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kept-clips", type=int, default=16,
                         help="clips per stream kept for retrieval (raw is 8 MB a clip in host memory; default 16)")
     parser.add_argument("--measure-preprocess", action="store_true")
+    parser.add_argument("--compare-unfused", action="store_true",
+                        help="also run ours with vLLM's fused kernels off (DISPIDER_FUSED_OPS=0): the plain-torch "
+                             "elementwise baseline, in the same run")
     parser.add_argument("--profile", type=Path, metavar="FILE",
                         help="after the measured rounds, profile one more round and write the op tables here")
     args = parser.parse_args(argv)
+    args.compare_unfused_running = False
 
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -254,6 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[sidecar-bench] reference-style: {reference}", flush=True)
     ours = run_ours(modules, pixels, args, device)
     print(f"[sidecar-bench] ours: {ours}", flush=True)
+    unfused = run_unfused(modules, pixels, args, device) if args.compare_unfused else None
     report = {
         "benchmark": "sidecar",
         "device": device_name(device),
@@ -262,8 +284,12 @@ def main(argv: list[str] | None = None) -> int:
         "ours": ours,
         "reference_style": reference,
         "capacity_ratio": ours["realtime_streams"] / reference["realtime_streams"],
+        "fused_kernels": ours["fused_kernels"],
         "targets": {"realtime_streams": 800, "capacity_ratio": 5},
     }
+    if unfused is not None:
+        report["ours_unfused"] = unfused
+        report["fused_speedup"] = ours["clips_per_s"] / unfused["clips_per_s"]
     if args.measure_preprocess:
         report["host_preprocess"] = measure_preprocess()
     report["meets_targets"] = report["capacity_ratio"] >= 5 and ours["realtime_streams"] >= 800
@@ -273,6 +299,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'system':18} {'clips/s':>9} {'1-fps streams':>14}")
     print(f"{'reference-style':18} {reference['clips_per_s']:9.2f} {reference['realtime_streams']:14.1f}")
     print(f"{'dispider-vllm':18} {ours['clips_per_s']:9.2f} {ours['realtime_streams']:14.1f}")
+    if unfused is not None:
+        print(f"{'  unfused kernels':18} {unfused['clips_per_s']:9.2f} {unfused['realtime_streams']:14.1f}")
     print(f"capacity ratio {report['capacity_ratio']:.1f}x")
     return 0
 

@@ -262,7 +262,8 @@ def test_close_and_reopen_reuses_slot(modules):
         engine.step({"t": features[:1]})  # clip indices must increase
 
 
-def test_compact_lm_cache_ops_with_grouped_kv_heads():
+@pytest.mark.parametrize("fused", [True, False], ids=["vllm-kernels", "plain-torch"])
+def test_compact_lm_cache_ops_with_grouped_kv_heads(fused):
     """Two KV heads for four query heads (the tiny model has one), prefixes of different lengths in one batch."""
     from transformers import Qwen2Config, Qwen2Model
 
@@ -272,7 +273,8 @@ def test_compact_lm_cache_ops_with_grouped_kv_heads():
     config = Qwen2Config(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                          num_key_value_heads=2, vocab_size=64, initializer_range=0.1, rope_theta=1e6)
     model = Qwen2Model(config).eval()
-    lm = CompactLM(model)
+    lm = CompactLM(model, fused=fused)
+    assert lm.fused == fused  # vLLM's CPU wheel ships the fused ops too, so both paths run here
     sequences = [torch.randn(n, 128) for n in (7, 12, 4)]
     with torch.no_grad():
         want = [model(inputs_embeds=s[None]).last_hidden_state[0] for s in sequences]

@@ -16,6 +16,11 @@ When the batch is a run of consecutive slots the K/V are read as a view, without
 GQA in the cached path folds the query heads of a KV head into the query length, so K/V are never repeated;
 the mask is additive, built once per forward. On a GPU the masked path runs the memory-efficient SDPA kernel
 (cuDNN's re-planning per shape cost more host time than the step's GPU time), the causal path flash attention.
+
+The layers run on merged weights (q/k/v as one matmul, gate/up as one) and, where vLLM's compiled ops load, on its
+fused RMSNorm (with the residual add), RoPE and SiLU-gate kernels (:mod:`dispider_vllm.kernels`). Small host
+tensors (token ids, slot numbers, lengths) go to the device through pinned memory without a stream sync, so the
+host can queue the next pass while the device still runs this one.
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import Qwen2Model
+
+from .. import kernels
 
 AttendFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -118,7 +125,7 @@ class KVPool:
 class CompactLM:
     """Embedding-in, post-norm-hidden-out forward of a transformers ``Qwen2Model``'s weights."""
 
-    def __init__(self, language_model: Qwen2Model):
+    def __init__(self, language_model: Qwen2Model, *, fused: bool = True):
         config = language_model.config
         rope = getattr(config, "rope_parameters", None) or {"rope_type": "default",
                                                              "rope_theta": getattr(config, "rope_theta", 1e4)}
@@ -136,12 +143,33 @@ class CompactLM:
         # Kept in fp32 whatever the model dtype, as transformers does.
         exponents = torch.arange(0, self.head_dim, 2, dtype=torch.float32, device=self.device) / self.head_dim
         self.inv_freq = 1.0 / (float(rope["rope_theta"]) ** exponents)
+        self.fused = fused and kernels.fused_ops_available()  # False: the plain-torch baseline
+        self.rotary = kernels.Rotary(self.inv_freq, self.head_dim, self.dtype, fused=self.fused)
+        self.silu_gate = getattr(config, "hidden_act", "silu") == "silu"
+        self.eps = float(getattr(config, "rms_norm_eps", 1e-6))
+        self._qkv = [kernels.merged_linear(layer.self_attn, "_dispider_qkv", [layer.self_attn.q_proj,
+                     layer.self_attn.k_proj, layer.self_attn.v_proj]) for layer in language_model.layers]
+        self._gate_up = [kernels.merged_linear(layer.mlp, "_dispider_gate_up", [layer.mlp.gate_proj,
+                         layer.mlp.up_proj]) for layer in language_model.layers]
 
     # ---- inputs -------------------------------------------------------------------------------------------
     def embed(self, ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
         """Embedding rows [len(ids), H] of token ids."""
-        ids = torch.as_tensor(ids, dtype=torch.long, device=self.device)
-        return self.model.embed_tokens(ids)
+        return self.embed_many([ids])[0]
+
+    def embed_many(self, id_lists: Sequence[Sequence[int]]) -> list[torch.Tensor]:
+        """Embedding rows of several id lists, looked up in one go (one host-to-device copy, no sync)."""
+        lengths = [len(ids) for ids in id_lists]
+        flat = self.to_device([int(i) for ids in id_lists for i in ids])
+        return list(self.model.embed_tokens(flat).split(lengths))
+
+    def to_device(self, values: Sequence[int]) -> torch.Tensor:
+        """A long tensor of ``values`` on the model's device. From pinned memory the copy is asynchronous, where a
+        plain ``torch.tensor(..., device=cuda)`` would wait for every kernel already queued."""
+        host = torch.tensor(values, dtype=torch.long)
+        if self.device.type != "cuda":
+            return host
+        return host.pin_memory().to(self.device, non_blocking=True)
 
     def new_pool(self, **kwargs) -> KVPool:
         return KVPool(len(self.model.layers), self.num_kv_heads, self.head_dim, dtype=self.dtype,
@@ -184,9 +212,9 @@ class CompactLM:
         if total > self.max_positions:
             raise ValueError(f"a decision sequence of {total} positions exceeds {self.max_positions}")
         pool.reserve(total)
-        prefix = torch.tensor(prefix_lengths, device=self.device)
+        prefix = self.to_device(prefix_lengths)
         positions = prefix[:, None] + torch.arange(length, device=self.device)[None, :]
-        slot_index = torch.tensor(list(slots), device=self.device)
+        slot_index = self.to_device(list(slots))
         # Key j is visible to the query at position p iff j <= p: the row's prefix plus its suffix so far.
         visible = torch.arange(total, device=self.device)[None, None, :] <= positions[:, :, None]
         groups = self.num_heads // self.num_kv_heads
@@ -237,31 +265,31 @@ class CompactLM:
             embeds[row, : lengths[row]] = sequence.to(device=self.device, dtype=self.dtype)
         return embeds, lengths
 
-    def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin [B, 1, L, head_dim] for explicit positions [B, L] (fp32 math, model dtype out)."""
-        freqs = positions.to(torch.float32)[..., None] * self.inv_freq
-        angles = torch.cat((freqs, freqs), dim=-1)[:, None]
-        return angles.cos().to(self.dtype), angles.sin().to(self.dtype)
-
     def _run_layers(self, embeds: torch.Tensor, positions: torch.Tensor, attend: AttendFn) -> torch.Tensor:
         batch, length, _ = embeds.shape
-        cos, sin = self._rope(positions)
-        hidden = embeds
-        for index, layer in enumerate(self.model.layers):
-            attn = layer.self_attn
-            normed = layer.input_layernorm(hidden)
-            q = attn.q_proj(normed).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
-            k = attn.k_proj(normed).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
-            v = attn.v_proj(normed).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
-            q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
-            out = attend(index, q, k, v).transpose(1, 2).reshape(batch, length, self.num_heads * self.head_dim)
-            hidden = hidden + attn.o_proj(out)
-            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
-        return self.model.norm(hidden)
+        flat_positions = positions.reshape(-1)
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        layers = self.model.layers
+        # The residual stream and the normed input of the next sublayer, updated together (one fused kernel).
+        residual = embeds
+        normed = kernels.rms_norm(embeds, layers[0].input_layernorm.weight, self.eps, fused=self.fused)
+        for index, layer in enumerate(layers):
+            qkv = F.linear(normed, *self._qkv[index])
+            q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
+            self.rotary.apply_(flat_positions, q.view(batch * length, q_size), k.view(batch * length, kv_size))
+            q = q.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
+            k = k.view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+            v = v.view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+            out = attend(index, q, k, v).transpose(1, 2).reshape(batch, length, q_size)
+            normed, residual = kernels.add_rms_norm(layer.self_attn.o_proj(out), residual,
+                                                    layer.post_attention_layernorm.weight, self.eps, fused=self.fused)
+            next_norm = layers[index + 1].input_layernorm if index + 1 < len(layers) else self.model.norm
+            normed, residual = kernels.add_rms_norm(self._mlp(index, layer, normed), residual, next_norm.weight,
+                                                    self.eps, fused=self.fused)
+        return normed
 
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """RoPE in the half-split layout Qwen2 uses."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+    def _mlp(self, index: int, layer, normed: torch.Tensor) -> torch.Tensor:
+        if not self.silu_gate:
+            return layer.mlp(normed)
+        gate_up = F.linear(normed, *self._gate_up[index])
+        return layer.mlp.down_proj(kernels.silu_and_mul(gate_up, fused=self.fused))

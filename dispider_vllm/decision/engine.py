@@ -186,7 +186,7 @@ class DecisionEngine:
                 raise RuntimeError(f"stream {stream.stream_id!r}: KV cache out of step with its context")
         suffixes, keep = zip(*(stream.context.suffix(clip) for stream, clip in batch))
         hidden = self.lm.forward_cached(self.pool, [s.slot for s, _ in batch], suffixes, keep)
-        last = torch.tensor([len(s) - 1 for s in suffixes], device=hidden.device)
+        last = self.lm.to_device([len(s) - 1 for s in suffixes])
         return hidden[torch.arange(len(batch), device=hidden.device), last]
 
     def _responds(self, stream_id: str, clip_index: int, logit: float) -> bool:

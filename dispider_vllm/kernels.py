@@ -1,0 +1,129 @@
+"""Fused kernels for the sidecar's transformer layers, taken from vLLM's compiled ops, with plain-torch fallbacks.
+
+Written the plain way (as transformers does), RMSNorm is six elementwise kernels with fp32 intermediates, RoPE five
+per tensor, the SiLU gate and CLIP's quick-GELU two or three each: on the H200 those memory-bound kernels took about
+a third of the sidecar's GPU time (``benchmarks/results/sidecar_profile_h200.txt``). vLLM ships one-kernel versions
+of each (``torch.ops._C``, built for both its CUDA and its CPU wheels), so the sidecar uses them wherever they load.
+
+``fused_ops_available()`` says whether they do; ``DISPIDER_FUSED_OPS=0`` turns them off for models built after it
+is set (the unfused baseline of ``benchmarks/sidecar_bench.py --compare-unfused``). Every function has a torch
+fallback with the same maths.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def fused_ops_available() -> bool:
+    """Whether vLLM's compiled ops load here and are not turned off by ``DISPIDER_FUSED_OPS=0``."""
+    return os.environ.get("DISPIDER_FUSED_OPS", "1") != "0" and _vllm_ops_load()
+
+
+@functools.cache
+def _vllm_ops_load() -> bool:
+    """Importing ``vllm._custom_ops`` registers vLLM's compiled ops under ``torch.ops._C``."""
+    try:
+        import vllm._custom_ops  # noqa: F401
+    except Exception:  # noqa: BLE001 - any import failure means: use the torch fallbacks
+        return False
+    return all(hasattr(torch.ops._C, name)
+               for name in ("rms_norm", "fused_add_rms_norm", "rotary_embedding", "silu_and_mul", "gelu_quick"))
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, *, fused: bool) -> torch.Tensor:
+    if fused:
+        out = torch.empty_like(x)
+        torch.ops._C.rms_norm(out, x.contiguous(), weight, eps)
+        return out
+    variance = x.float().pow(2).mean(-1, keepdim=True)
+    return weight * (x.float() * torch.rsqrt(variance + eps)).to(x.dtype)
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, *,
+                 fused: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """residual + x, and its RMSNorm: (normed, new residual). The fused kernel works in place on both inputs."""
+    if fused:
+        x = x.contiguous()
+        torch.ops._C.fused_add_rms_norm(x, residual, weight, eps)
+        return x, residual
+    residual = residual + x
+    return rms_norm(residual, weight, eps, fused=False), residual
+
+
+def silu_and_mul(gate_up: torch.Tensor, *, fused: bool) -> torch.Tensor:
+    """[..., 2d] (gate, then up) -> silu(gate) * up [..., d]."""
+    half = gate_up.shape[-1] // 2
+    if fused:
+        out = gate_up.new_empty((*gate_up.shape[:-1], half))
+        torch.ops._C.silu_and_mul(out, gate_up)
+        return out
+    return F.silu(gate_up[..., :half]) * gate_up[..., half:]
+
+
+def quick_gelu(x: torch.Tensor, *, fused: bool) -> torch.Tensor:
+    if fused:
+        out = torch.empty_like(x)
+        torch.ops._C.gelu_quick(out, x.contiguous())
+        return out
+    return x * torch.sigmoid(1.702 * x)
+
+
+class Rotary:
+    """RoPE in the half-split (neox) layout Qwen2 uses, applied in place to flat q and k [tokens, heads*dim]."""
+
+    def __init__(self, inv_freq: torch.Tensor, head_dim: int, dtype: torch.dtype, *, fused: bool):
+        self.inv_freq, self.head_dim, self.dtype, self.fused = inv_freq, head_dim, dtype, fused
+        self._cache = torch.empty(0, head_dim, dtype=dtype, device=inv_freq.device)
+
+    def cos_sin(self, positions: int) -> torch.Tensor:
+        """[positions, head_dim]: cos of each frequency, then sin (fp32 maths, model dtype out, as transformers)."""
+        if self._cache.shape[0] < positions:
+            length = max(positions, 2 * self._cache.shape[0], 2048)
+            angles = torch.arange(length, dtype=torch.float32, device=self.inv_freq.device)[:, None] * self.inv_freq
+            self._cache = torch.cat((angles.cos(), angles.sin()), dim=-1).to(self.dtype)
+        return self._cache
+
+    def apply_(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> None:
+        """Rotate q [T, Hq*dim] and k [T, Hk*dim] in place by ``positions`` [T]."""
+        cache = self.cos_sin(int(positions.max()) + 1)
+        if self.fused:
+            torch.ops._C.rotary_embedding(positions, q, k, self.head_dim, cache, True)
+            return
+        cos, sin = cache[positions].chunk(2, dim=-1)
+        for x in (q, k):
+            heads = x.view(x.shape[0], -1, self.head_dim)
+            first, second = heads[..., : self.head_dim // 2], heads[..., self.head_dim // 2 :]
+            rotated_first = first * cos[:, None] - second * sin[:, None]
+            rotated_second = second * cos[:, None] + first * sin[:, None]
+            heads.copy_(torch.cat((rotated_first, rotated_second), dim=-1))
+
+
+def merged_linear(module: nn.Module, name: str, linears: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One weight (and bias) for several linears that read the same input, so they run as one matmul.
+
+    The linears' own parameters become views into the merged tensors (no second copy of the weights, and the
+    transformers module keeps working); the result is cached on ``module`` so every caller shares it.
+    """
+    cached = module.__dict__.get(name)
+    if cached is not None:
+        return cached
+    weight = torch.cat([linear.weight.detach() for linear in linears])
+    biases = [linear.bias for linear in linears]
+    bias = torch.cat([b.detach() for b in biases]) if all(b is not None for b in biases) else None
+    if any(b is not None for b in biases) and bias is None:
+        raise ValueError(f"{name}: either all or none of the merged linears need a bias")
+    row = 0
+    for linear in linears:
+        rows = linear.weight.shape[0]
+        linear.weight.data = weight[row : row + rows]
+        if bias is not None:
+            linear.bias.data = bias[row : row + rows]
+        row += rows
+    module.__dict__[name] = (weight, bias)
+    return weight, bias
