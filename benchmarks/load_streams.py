@@ -69,6 +69,7 @@ from clients.server_metrics import (
     PERCEPTION_LATENCY,
     QUEUE_WAIT,
     TIME_TO_FIRST_TOKEN,
+    Histogram,
     MetricsSnapshot,
 )
 from clients.stream_video import (
@@ -101,6 +102,11 @@ CLIENT_START_MARGIN_S = 0.5  # the common time origin lies this far after the "s
 # Forget idle connections well before the server's keep-alive timeout (uvicorn: 5 s): reusing one the server is
 # closing at that moment fails the request with a ReadError (seen once among 128 streams on the H200).
 KEEPALIVE_EXPIRY_S = 2.0
+# The sidecar's step histograms (serve/metrics.py).
+SIDECAR_BATCH_CLIPS = "dispider_sidecar_batch_clips"
+SIDECAR_STEP_SECONDS = "dispider_sidecar_step_seconds"
+SIDECAR_QUEUE_WAIT = "dispider_sidecar_queue_wait_seconds"
+SIDECAR_STEP_PHASES = ("preprocess_wait", "perceive", "decide")
 
 
 # ---- settings ------------------------------------------------------------------------------------------------------
@@ -777,7 +783,30 @@ def server_metrics_delta(before: MetricsSnapshot | None, after: MetricsSnapshot 
             earlier = before.value(name, **labels) if before else None
             outcomes[labels.get("outcome", "?")] = int(value - (earlier or 0))
     result["reactions"] = outcomes
+    result["sidecar_steps"] = sidecar_steps_delta(before, after)
     return result
+
+
+def sidecar_steps_delta(before: MetricsSnapshot | None, after: MetricsSnapshot) -> dict:
+    """The sidecar's batched steps over this run (bucket estimates): clips per batch, the wall time of each step
+    phase, and each clip's wait from its last frame to its batch. The sidecar reports them once a second, so
+    the last second of a run may be missing."""
+    def delta(name: str, **labels: str) -> dict | None:
+        histogram = labeled_histogram(after, name, **labels)
+        earlier = labeled_histogram(before, name, **labels) if before else None
+        return histogram.minus(earlier).summary() if histogram else None
+
+    return {
+        "batch_clips": delta(SIDECAR_BATCH_CLIPS),
+        "step_s": {phase: delta(SIDECAR_STEP_SECONDS, phase=phase) for phase in SIDECAR_STEP_PHASES},
+        "queue_wait_s": delta(SIDECAR_QUEUE_WAIT),
+    }
+
+
+def labeled_histogram(snapshot: MetricsSnapshot, name: str, **labels: str) -> Histogram | None:
+    """``snapshot.histogram(name)`` over only the series with these labels (that one sums every series)."""
+    return MetricsSnapshot(tuple(sample for sample in snapshot.samples
+                                 if all(sample[1].get(k) == v for k, v in labels.items()))).histogram(name)
 
 
 def gpu_memory_summary(samples: Samples) -> dict | None:

@@ -10,8 +10,11 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
+
+from dispider_vllm.sidecar.protocol import HistogramCounts
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -124,6 +127,32 @@ class _ProcessCollector(Collector):
         yield CounterMetricFamily("dispider_sidecar_frames", "Frames the sidecar took in", value=stats.frames_total)
         yield CounterMetricFamily("dispider_sidecar_clips", "Clips the sidecar perceived", value=stats.clips_total)
         yield CounterMetricFamily("dispider_sidecar_batches", "Perception batches run", value=stats.batches_total)
+        # The sidecar counts its steps itself (cumulative histograms in each report): exposed as they are.
+        if stats.batch_clips is not None:
+            yield _histogram("dispider_sidecar_batch_clips", "Clips per perception batch", {(): stats.batch_clips})
+        if stats.step_seconds:
+            yield _histogram(
+                "dispider_sidecar_step_seconds", "Wall time of a batched step, by phase: preprocess_wait (clips "
+                "still on the preprocessing pool), perceive (encoder), decide (decision and triggers)",
+                {(phase,): counts for phase, counts in stats.step_seconds.items()}, labels=["phase"],
+            )
+        if stats.queue_wait_seconds is not None:
+            yield _histogram(
+                "dispider_sidecar_queue_wait_seconds", "Clip's last frame received -> its perception batch started",
+                {(): stats.queue_wait_seconds},
+            )
+
+
+def _histogram(name: str, documentation: str, series: dict[tuple[str, ...], HistogramCounts],
+               labels: list[str] | None = None) -> HistogramMetricFamily:
+    family = HistogramMetricFamily(name, documentation, labels=labels)
+    for label_values, counts in series.items():
+        cumulative, buckets = 0, []
+        for bound, count in zip([*counts.bounds, float("inf")], counts.counts):
+            cumulative += count
+            buckets.append((floatToGoString(bound), cumulative))
+        family.add_metric(list(label_values), buckets, sum_value=counts.total)
+    return family
 
 
 class _TenantCollector(Collector):

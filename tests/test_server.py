@@ -426,7 +426,9 @@ def test_still_healthy_with_metrics(http, client, videos, dispider_server):
     for name in ("dispider_active_sessions", "dispider_frames_received_total", "dispider_clips_perceived_total",
                  "dispider_decision_latency_seconds_bucket", "dispider_reaction_time_to_first_token_seconds_bucket",
                  "dispider_reaction_tokens_total", "dispider_reaction_queue_depth", "dispider_reaction_queued_total",
-                 "dispider_sidecar_up 1.0", "dispider_engine_up 1.0", 'dispider_errors_total{code="model_not_found"}'):
+                 "dispider_sidecar_up 1.0", "dispider_engine_up 1.0", 'dispider_errors_total{code="model_not_found"}',
+                 "dispider_sidecar_batch_clips_bucket", 'dispider_sidecar_step_seconds_count{phase="perceive"}',
+                 "dispider_sidecar_queue_wait_seconds_bucket"):
         assert name in metrics, name
 
 

@@ -267,3 +267,129 @@ def test_random_respond_policy_spreads_answers_over_streams_and_repeats_itself()
     assert len({tuple(answers[f"s{s}", c] for c in range(64)) for s in range(64)}) > 60  # streams differ
     assert all(policy(stream, clip) == answer for (stream, clip), answer in answers.items())
     assert make_respond_policy(2, None)("any", 1) and not make_respond_policy(2, None)("any", 0)
+
+
+# ---- preprocessing on the engine's pool, step statistics ---------------------------------------------------------
+def preprocess_recorder(monkeypatch, *, delay=lambda window: 0.0, fail=lambda window: False) -> list[str]:
+    """Wraps the engine's clip preprocessing: records the thread of each call, delays or fails chosen windows."""
+    import threading
+
+    import dispider_vllm.sidecar.engine as engine_module
+
+    real, threads = engine_module.make_clip, []
+
+    def make_clip(window, preprocessor):
+        threads.append(threading.current_thread().name)
+        time.sleep(delay(window))
+        if fail(window):
+            raise RuntimeError(f"cannot preprocess clip {window.index}")
+        return real(window, preprocessor)
+
+    monkeypatch.setattr(engine_module, "make_clip", make_clip)
+    return threads
+
+
+def test_preprocessing_runs_on_the_pool_and_keeps_each_streams_clip_order(modules, part_dir, frames, monkeypatch):
+    """A stream's first clip finishes preprocessing after its later ones: the later ones still wait for it, so
+    every stream's clips are perceived and decided in order, as with inline preprocessing."""
+    threads = preprocess_recorder(monkeypatch, delay=lambda window: 0.05 if window.index == 0 else 0.0)
+    streams = {f"s{i}": frames[i:] for i in range(6)}  # other starts, other clips
+
+    def run(workers: int) -> list:
+        engine = new_engine(modules, part_dir, max_batch_clips=4, preprocess_workers=workers, preprocess_wait_s=0.005)
+        events = []
+        for stream_id in streams:
+            events += engine.handle(OpenStream(stream_id, "What changes in the scene?"))
+        for stream_id, stream_frames in streams.items():
+            events += feed(engine, stream_id, stream_frames)
+        run_until_idle(engine, events)
+        engine.close()
+        return events
+
+    inline = run(0)
+    assert set(threads) == {"MainThread"}
+    threads.clear()
+    pooled = run(3)
+    assert len(threads) == 18 and all(name.startswith("sidecar-preprocess") for name in threads)
+    for stream_id in streams:
+        perceived = [e.clip_index for e in pooled if isinstance(e, ClipPerceived) and e.stream_id == stream_id]
+        assert perceived == [0, 1, 2], stream_id
+        assert [row[0] for row in outcomes(pooled, stream_id)] == [0, 1, 2]
+        assert outcomes(pooled, stream_id) == outcomes(inline, stream_id)
+    ended = [e for e in pooled if isinstance(e, StreamEnded)]
+    assert sorted(e.stream_id for e in ended) == sorted(streams) and all(e.clips == 3 for e in ended)
+    assert not [e for e in pooled if isinstance(e, StreamError)]
+
+
+def test_a_step_waits_briefly_for_clips_in_preprocessing(modules, part_dir, frames, monkeypatch):
+    """A clip still on the pool keeps the engine busy (the stream is not finished) and a step waits for it,
+    up to ``preprocess_wait_s``, instead of returning at once for the loop to spin."""
+    preprocess_recorder(monkeypatch, delay=lambda window: 0.3)
+    engine = new_engine(modules, part_dir, preprocess_workers=2, preprocess_wait_s=0.01)
+    engine.handle(OpenStream("a", "q?"))
+    assert engine.handle(PushFrames("a", tuple(frames[:34]), end_of_stream=True)) == []  # 2 clips, in the pool
+    assert engine.has_work() and engine.pending_clips() == 2
+    started = time.monotonic()
+    assert engine.step() == []  # nothing preprocessed yet: waited, took nothing
+    assert 0.005 < time.monotonic() - started < 0.25
+    assert engine.has_work() and "a" in engine.streams
+    engine.preprocess_wait_s = 30.0
+    events = engine.step()  # waits until both are done, then perceives them in one batch
+    assert [e.clip_index for e in events if isinstance(e, ClipPerceived)] == [0, 1]
+    assert isinstance(events[-1], StreamEnded) and events[-1].clips == 2 and not engine.has_work()
+    engine.close()
+
+
+@pytest.mark.parametrize("workers", [0, 2], ids=["inline", "pool"])
+def test_a_clip_whose_preprocessing_fails_is_an_error_of_its_stream_only(modules, part_dir, frames, monkeypatch,
+                                                                          workers):
+    reference = new_engine(modules, part_dir)
+    events = reference.handle(OpenStream("good", "q?")) + feed(reference, "good", frames)
+    expected = outcomes(run_until_idle(reference, events), "good")
+
+    bad_frames = [Frame(f.timestamp, f.pixels.copy()) for f in frames]
+    bad_pixels = {id(f.pixels) for f in bad_frames}
+    preprocess_recorder(monkeypatch, fail=lambda w: w.index == 1 and id(w.frames[0].pixels) in bad_pixels)
+    engine = new_engine(modules, part_dir, preprocess_workers=workers)
+    events = engine.handle(OpenStream("good", "q?")) + engine.handle(OpenStream("bad", "q?"))
+    events += feed(engine, "bad", bad_frames) + feed(engine, "good", frames)
+    run_until_idle(engine, events)
+    errors = [e for e in events if isinstance(e, StreamError)]
+    assert [(e.stream_id, e.code) for e in errors] == [("bad", "internal_error")]
+    assert "clip 1" in errors[0].message and "cannot preprocess" in errors[0].message
+    assert [row[0] for row in outcomes(events, "bad")] == [0, 2]  # the other clips of the stream go on
+    assert outcomes(events, "good") == expected
+    ended = {e.stream_id: e for e in events if isinstance(e, StreamEnded)}
+    assert set(ended) == {"good", "bad"} and ended["bad"].reason == "end_of_stream"
+    engine.close()
+
+
+def test_stats_report_each_steps_clips_phases_and_queue_waits(modules, part_dir, frames):
+    from dispider_vllm.sidecar.process import _stats
+
+    engine = new_engine(modules, part_dir, max_batch_clips=2)
+    events = engine.handle(OpenStream("a", "q?")) + engine.handle(OpenStream("b", "q?"))
+    pushed = time.time()
+    events += feed(engine, "a", frames) + feed(engine, "b", frames)
+    run_until_idle(engine, events)
+    waited_at_most = time.time() - pushed
+    stats = _stats(engine)
+    assert stats.clips_total == 6 and stats.batches_total >= 3
+    assert sum(stats.batch_clips.counts) == stats.batches_total and stats.batch_clips.total == 6
+    assert set(stats.step_seconds) == {"preprocess_wait", "perceive", "decide"}
+    for phase, histogram in stats.step_seconds.items():
+        assert sum(histogram.counts) == stats.batches_total, phase
+        assert len(histogram.counts) == len(histogram.bounds) + 1 and histogram.total >= 0
+    assert stats.step_seconds["perceive"].total > 0 and stats.step_seconds["decide"].total > 0
+    assert sum(stats.queue_wait_seconds.counts) == 6
+    assert 0 <= stats.queue_wait_seconds.total <= 6 * waited_at_most
+    engine.close()
+
+
+def test_the_sidecar_process_preprocesses_on_a_pool(part_dir):
+    from dispider_vllm.sidecar.process import PREPROCESS_WORKERS, _build_engine
+
+    assert PREPROCESS_WORKERS > 0
+    assert _build_engine(SidecarConfig(part_dir=str(part_dir))).preprocess_workers == PREPROCESS_WORKERS
+    engine = _build_engine(SidecarConfig(part_dir=str(part_dir), extra={"preprocess_workers": 0}))
+    assert engine.preprocess_workers == 0

@@ -5,20 +5,24 @@ tenants, least recently served first, then over each tenant's streams, up to ``m
 least as many clips per batch as tenants, every tenant with a closed clip has one in the next batch, however
 many streams the others run), runs them through the CLIP tower and the
 compact model's first pass as one batch, then decides every stream's new clips in one batched decision pass.
-Frames are sampled and assembled into clips as they arrive (``handle``), so a step only sees whole clips.
+Frames are sampled and assembled into clips as they arrive (``handle``), so a step only sees whole clips; each
+closed clip's pixels are preprocessed on a small thread pool (``preprocess_workers``; the sidecar process runs
+one), in parallel instead of one clip after another while the GPU waits.
 """
 
 from __future__ import annotations
 
+import bisect
 import logging
 import random
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
+from concurrent.futures import ALL_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
 from dispider_vllm.decision.engine import DecisionConfig, DecisionEngine
-from dispider_vllm.perception.clips import ClipAssembler
+from dispider_vllm.perception.clips import ClipAssembler, ClipWindow, make_clip
 from dispider_vllm.perception.encoder import PerceptionEncoder
 from dispider_vllm.perception.frames import FrameError, FrameSampler, PreprocessorConfig, VideoError, decode_video
 from dispider_vllm.perception.modules import PerceptionDecisionModules
@@ -29,6 +33,7 @@ from dispider_vllm.sidecar.protocol import (
     Command,
     Decision,
     Event,
+    HistogramCounts,
     OpenStream,
     PushEncoded,
     PushFrames,
@@ -42,10 +47,67 @@ from dispider_vllm.types import Clip, DecisionEvent, Frame, Trigger
 log = logging.getLogger("dispider.sidecar")
 
 
+# Buckets of the step statistics (SidecarStats): batch sizes, and seconds from 1 ms to a long backlog.
+BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.4, 0.6, 0.8, 1.0, 1.25,
+                   1.5, 2.0, 3.0, 5.0, 10.0, 30.0, 60.0, 120.0)
+STEP_PHASES = ("preprocess_wait", "perceive", "decide")
+
+
 @dataclass
 class PendingClip:
-    clip: Clip
+    """A closed clip waiting for perception. ``clip`` is the Future of its preprocessing until that is done."""
+
+    clip: Clip | Future
     received_at: float  # wall clock of the frame that closed it
+    index: int = -1  # the clip's index in its stream (taken from ``clip`` when that is a Clip)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.clip, Clip):
+            self.index = self.clip.index
+
+    def done(self) -> bool:
+        return not isinstance(self.clip, Future) or self.clip.done()
+
+    def resolve(self) -> Clip:
+        """The preprocessed clip (call once ``done``); raises what its preprocessing raised."""
+        if isinstance(self.clip, Future):
+            self.clip = self.clip.result()
+        return self.clip
+
+
+class CountingHistogram:
+    """Observations per bucket (a value goes in the first bucket whose upper bound is >= it) and their sum."""
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
+        self.total = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.total += value
+
+    def snapshot(self) -> HistogramCounts:
+        return HistogramCounts(tuple(float(b) for b in self.bounds), tuple(self.counts), self.total)
+
+
+class StepStats:
+    """What each batched step did, for diagnosing latency under load: its clips, the wall time of its phases
+    (waiting for the preprocessing pool, perception, decision with triggers) and each clip's queue wait."""
+
+    def __init__(self) -> None:
+        self.batch_clips = CountingHistogram(BATCH_BUCKETS)
+        self.step_seconds = {phase: CountingHistogram(SECONDS_BUCKETS) for phase in STEP_PHASES}
+        self.queue_wait_seconds = CountingHistogram(SECONDS_BUCKETS)
+
+    def snapshot(self) -> dict:
+        """The SidecarStats fields."""
+        return {
+            "batch_clips": self.batch_clips.snapshot(),
+            "step_seconds": {phase: h.snapshot() for phase, h in self.step_seconds.items()},
+            "queue_wait_seconds": self.queue_wait_seconds.snapshot(),
+        }
 
 
 @dataclass
@@ -97,7 +159,12 @@ class SidecarEngine:
         max_batch_clips: int = 32,
         decision_config: DecisionConfig | None = None,
         respond_policy: Callable[[str, int], bool | None] | None = None,
+        preprocess_workers: int = 0,
+        preprocess_wait_s: float = 0.1,
     ) -> None:
+        """``preprocess_workers``: threads preprocessing closed clips' pixels; 0 (the default): inline, in
+        ``handle``, so which clips a step finds ready does not depend on timing (the sidecar process uses a pool).
+        ``preprocess_wait_s``: how long a step waits at most for clips still being preprocessed (see ``step``)."""
         self.modules = modules
         self.preprocessor = preprocessor or PreprocessorConfig()
         self.encoder = PerceptionEncoder(modules)
@@ -109,6 +176,18 @@ class SidecarEngine:
         self.frames_total = 0
         self.clips_total = 0
         self.batches_total = 0
+        self.step_stats = StepStats()
+        self.preprocess_workers = preprocess_workers
+        self.preprocess_wait_s = preprocess_wait_s
+        # torch's resize and PIL release the GIL, so a few threads preprocess clips in parallel, beside the GPU.
+        self._pool = (
+            ThreadPoolExecutor(preprocess_workers, thread_name_prefix="sidecar-preprocess")
+            if preprocess_workers > 0 else None
+        )
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
 
     # -- commands -----------------------------------------------------------------------------------------
     def handle(self, command: Command) -> list[Event]:
@@ -150,28 +229,39 @@ class SidecarEngine:
         events: list[Event] = []
         for frame in frames:
             try:
-                for clip in self._assemble(stream, frame):
-                    stream.ready.append(PendingClip(clip, received_at))
+                for window in self._assemble(stream, frame):
+                    stream.ready.append(PendingClip(self._preprocess(window), received_at, window.index))
             except FrameError as error:
                 events.append(StreamError(stream_id, "invalid_frame", str(error)))
         if end_of_stream and not stream.end_requested:
             stream.end_requested = True
-            for clip in stream.assembler.flush():
-                stream.ready.append(PendingClip(clip, received_at))
+            for window in stream.assembler.flush_windows():
+                stream.ready.append(PendingClip(self._preprocess(window), received_at, window.index))
                 stream.clips_closed += 1
         events.extend(self._finished_streams())
         return events
 
-    def _assemble(self, stream: StreamState, frame: Frame) -> list[Clip]:
+    def _assemble(self, stream: StreamState, frame: Frame) -> list[ClipWindow]:
         if stream.end_requested:
             raise FrameError("the stream has ended; no more frames are taken")
         self.frames_total += 1
         sampled_frames = stream.sampler.push(frame)
         if stream.assembler.start is None:
             stream.assembler.start = stream.sampler.start  # windows start where the stream's time starts
-        clips = [clip for sampled in sampled_frames for clip in stream.assembler.push(sampled)]
-        stream.clips_closed += len(clips)
-        return clips
+        windows = [window for sampled in sampled_frames for window in stream.assembler.push_windows(sampled)]
+        stream.clips_closed += len(windows)
+        return windows
+
+    def _preprocess(self, window: ClipWindow) -> Future:
+        """The window's Clip, made on the pool (or here, done already, without one); a failure stays in the Future."""
+        if self._pool is not None:
+            return self._pool.submit(make_clip, window, self.preprocessor)
+        future: Future = Future()
+        try:
+            future.set_result(make_clip(window, self.preprocessor))
+        except Exception as error:  # noqa: BLE001 - reported as the stream's error when the clip's turn comes
+            future.set_exception(error)
+        return future
 
     def _push_encoded(self, command: PushEncoded) -> list[Event]:
         decoded = decode_push(command)
@@ -181,32 +271,66 @@ class SidecarEngine:
 
     def _close(self, stream_id: str) -> list[Event]:
         stream = self.streams.pop(stream_id)
+        for pending in stream.ready:
+            if isinstance(pending.clip, Future):
+                pending.clip.cancel()  # nobody will take it
         self.decision.close(stream_id)
         return [StreamEnded(stream_id, "closed", stream.clips_decided)]
 
     # -- batched work -------------------------------------------------------------------------------------
     def has_work(self) -> bool:
+        """Closed clips wait, preprocessed or not (``step`` waits briefly for the ones in preprocessing)."""
         return any(stream.ready for stream in self.streams.values())
 
     def pending_clips(self) -> int:
         return sum(len(stream.ready) for stream in self.streams.values())
 
     def step(self) -> list[Event]:
-        """Perceive and decide one fair batch of closed clips across all streams."""
-        batch = self._take_fair_batch()
-        if not batch:
-            return []
-        self.batches_total += 1
-        try:
-            events = self._perceive_and_decide(batch)
-        except Exception as error:  # noqa: BLE001 - a failed batch must not stop the other streams' work
-            log.exception("sidecar batch of %d clips failed", len(batch))
-            events = self._batch_failed(batch, error)
+        """Perceive and decide one fair batch of preprocessed clips across all streams.
+
+        Clips close between steps (while commands are handled), so most of a busy turn's clips are still in the
+        pool when the step starts. Taking only the finished ones would put the others a whole batch later; so
+        unless the finished ones fill a batch, the step first waits for those in preprocessing, at most
+        ``preprocess_wait_s`` (which also keeps the loop from spinning while the only work is in the pool).
+        """
+        waited = self._wait_for_preprocessing()
+        failed: list[Event] = []
+        batch = self._take_fair_batch(failed)
+        events: list[Event] = []
+        if batch:
+            self.batches_total += 1
+            self._observe_batch(batch, waited)
+            try:
+                events = self._perceive_and_decide(batch)
+            except Exception as error:  # noqa: BLE001 - a failed batch must not stop the other streams' work
+                log.exception("sidecar batch of %d clips failed", len(batch))
+                events = self._batch_failed(batch, error)
+        events.extend(failed)
         events.extend(self._finished_streams())
         return events
 
+    def _wait_for_preprocessing(self) -> float:
+        """Seconds waited for clips still being preprocessed (none when the finished ones fill a batch)."""
+        pending = [p for stream in self.streams.values() for p in stream.ready]
+        in_flight = [p.clip for p in pending if not p.done()]
+        if not in_flight or len(pending) - len(in_flight) >= self.max_batch_clips:
+            return 0.0
+        started = time.monotonic()
+        wait(in_flight, timeout=self.preprocess_wait_s, return_when=ALL_COMPLETED)
+        return time.monotonic() - started
+
+    def _observe_batch(self, batch: list[tuple[StreamState, PendingClip]], waited: float) -> None:
+        stats, now = self.step_stats, time.time()
+        stats.batch_clips.observe(len(batch))
+        stats.step_seconds["preprocess_wait"].observe(waited)
+        for _, pending in batch:
+            stats.queue_wait_seconds.observe(max(0.0, now - pending.received_at))
+
     def _perceive_and_decide(self, batch: list[tuple[StreamState, PendingClip]]) -> list[Event]:
+        started = time.monotonic()
         features = self.encoder.encode([pending.clip for _, pending in batch])
+        perceived = time.monotonic()
+        self.step_stats.step_seconds["perceive"].observe(perceived - started)
         now = time.time()
         events: list[Event] = []
         features_by_stream: dict[str, list] = {}
@@ -217,6 +341,7 @@ class SidecarEngine:
         self.clips_total += len(batch)
         for outcome in self.decision.step(features_by_stream):
             events.append(self._timed(outcome))
+        self.step_stats.step_seconds["decide"].observe(time.monotonic() - perceived)
         return events
 
     def _batch_failed(self, batch: list[tuple[StreamState, PendingClip]], error: Exception) -> list[Event]:
@@ -224,14 +349,31 @@ class SidecarEngine:
         for stream, pending in batch:
             stream.clips_decided += 1  # counted as done, so the stream can still end
             events.append(StreamError(stream.stream_id, "internal_error",
-                                      f"clip {pending.clip.index} could not be processed: {type(error).__name__}: {error}"))
+                                      f"clip {pending.index} could not be processed: {type(error).__name__}: {error}"))
         return events
 
-    def _take_fair_batch(self) -> list[tuple[StreamState, PendingClip]]:
-        """Round-robin over tenants, then over each tenant's streams: one clip per turn, oldest first."""
+    def _head_ready(self, stream: StreamState, failed: list[Event]) -> bool:
+        """Whether the stream's oldest clip is preprocessed; a later clip never goes before it. A clip whose
+        preprocessing failed is dropped as that stream's error (counted as decided, so the stream can still end)."""
+        while stream.ready and stream.ready[0].done():
+            pending = stream.ready[0]
+            try:
+                pending.resolve()
+                return True
+            except Exception as error:  # noqa: BLE001
+                log.error("preprocessing clip %d of stream %s failed", pending.index, stream.stream_id, exc_info=error)
+                stream.ready.popleft()
+                stream.clips_decided += 1
+                failed.append(StreamError(stream.stream_id, "internal_error", f"clip {pending.index} could not be "
+                                          f"preprocessed: {type(error).__name__}: {error}"))
+        return False
+
+    def _take_fair_batch(self, failed: list[Event]) -> list[tuple[StreamState, PendingClip]]:
+        """Round-robin over tenants, then over each tenant's streams: one clip per turn, oldest first, taking
+        only preprocessed clips (clips that failed it go to ``failed``)."""
         ready: dict[str, deque[StreamState]] = {}
         for stream in self.streams.values():
-            if stream.ready:
+            if self._head_ready(stream, failed):
                 ready.setdefault(stream.tenant, deque()).append(stream)
         # Least recently served tenants first: when a batch holds fewer clips than there are tenants, the
         # tenants left out go first next time, whatever their number of streams.
@@ -244,7 +386,7 @@ class SidecarEngine:
                 streams = by_tenant[tenant]
                 stream = streams.popleft()
                 batch.append((stream, stream.ready.popleft()))
-                if stream.ready:
+                if self._head_ready(stream, failed):
                     streams.append(stream)
                 if not streams:
                     del by_tenant[tenant]

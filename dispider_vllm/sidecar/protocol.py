@@ -122,6 +122,18 @@ class StreamEnded:
 
 
 @dataclass(frozen=True)
+class HistogramCounts:
+    """A histogram of what the sidecar observed since it started: observations per bucket and their sum.
+
+    Cumulative, not the samples since the last report: the server keeps only the latest ``SidecarStats`` and
+    exposes it when scraped, so a report it never looked at loses nothing."""
+
+    bounds: tuple[float, ...]  # upper bounds (inclusive), ascending; a last bucket above them is implied
+    counts: tuple[int, ...]  # observations per bucket, len(bounds) + 1, not cumulative
+    total: float  # the sum of the observations
+
+
+@dataclass(frozen=True)
 class SidecarStats:
     streams: int
     pending_frames: int
@@ -129,6 +141,10 @@ class SidecarStats:
     frames_total: int
     clips_total: int
     batches_total: int
+    # Per batched step, since the sidecar started (see SidecarEngine.step):
+    batch_clips: HistogramCounts | None = None  # clips in the batch
+    step_seconds: dict[str, HistogramCounts] = field(default_factory=dict)  # phases: preprocess_wait, perceive, decide
+    queue_wait_seconds: HistogramCounts | None = None  # per clip: its last frame received -> its batch started
 
 
 Event = Union[SidecarReady, ClipPerceived, Decision, Triggered, StreamError, StreamEnded, SidecarStats]
