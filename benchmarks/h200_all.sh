@@ -1,14 +1,18 @@
 #!/usr/bin/env bash
-# Every live-stream figure of one H200 session, one after the other, on one GPU (about 27 minutes):
-#   1. ours: the server (h200_streams.sh start) and the sweep, N = 1 (the idle server) first;
-#   2. blocking: the same server, sessions opened with "blocking_reaction": true (input held while answering);
-#   3. plain vLLM serving the reaction LLM alone, under the same answer load (plain_vllm_bench.py);
-#   4. two tenants, one flooding (h200_tenancy.sh).
+# The figures of one H200 session, one after the other, on one GPU (about 35 minutes with every step):
+#   sidecar:   sidecar capacity vs reference-style perception+decision, fused kernels on and off (sidecar_bench.py);
+#   reference: the reference-style computation with its blocking reaction (reference_bench.py);
+#   ours:      the server (h200_streams.sh start) and the live sweep, N = 1 (the idle server) first;
+#   blocking:  the same server, sessions opened with "blocking_reaction": true (input held while answering);
+#   plain:     plain vLLM serving the reaction LLM alone, under the same answer load (plain_vllm_bench.py);
+#   tenancy:   two tenants, one flooding (h200_tenancy.sh).
 #
 #   setsid nohup bash benchmarks/h200_all.sh /tmp/h200 > /tmp/h200.log 2>&1 &    # then poll the log
+#   STEPS="ours blocking" OURS_N="1 256 384" bash benchmarks/h200_all.sh /tmp/h200   # some steps only
 #
 # Each step writes its JSON into the results folder as soon as it ends, so a run cut short keeps what finished.
-# Stream counts and durations: OURS_N, BLOCKING_N, PLAIN_N, DURATION (ours), BASE_DURATION (the others).
+# Stream counts and durations: OURS_N, BLOCKING_N, PLAIN_N, DURATION (ours), BASE_DURATION (the others);
+# MAX_TOKENS (answer length of ours and blocking, default 32).
 set -uo pipefail
 RESULTS=${1:-/tmp/h200-results}
 PORT=${PORT:-8000}
@@ -23,21 +27,45 @@ sweep() {  # sweep OUT DURATION [load_streams args...]
     --drain-timeout 60 --out "$out" "$@"
 }
 
-say "ours: starting the server"
-bash "$here/h200_streams.sh" start || exit 1
-say "ours: sweep ${OURS_N:-1 128 256 320}"
-# shellcheck disable=SC2086
-sweep "$RESULTS/streams_h200.json" "${DURATION:-96}" --sweep ${OURS_N:-1 128 256 320}
-say "blocking: sweep ${BLOCKING_N:-64 128 256} on the same server"
-# shellcheck disable=SC2086
-sweep "$RESULTS/streams_blocking_h200.json" "${BASE_DURATION:-64}" --blocking-reaction --no-warmup \
-  --sweep ${BLOCKING_N:-64 128 256}
-bash "$here/h200_streams.sh" stop
-sleep 5
-say "plain vLLM: ${PLAIN_N:-256 320} streams' answer load"
-# shellcheck disable=SC2086
-python3 "$here/plain_vllm_bench.py" --streams ${PLAIN_N:-256 320} --duration "${BASE_DURATION:-64}" \
-  --out "$RESULTS/plain_vllm_h200.json"
-say "tenancy: a light tenant alone, then beside a flooding one"
-bash "$here/h200_tenancy.sh" "$RESULTS/tenancy_h200.json" --duration "${BASE_DURATION:-64}"
+STEPS=" ${STEPS:-sidecar reference ours blocking plain tenancy} "
+wants() { [[ "$STEPS" == *" $1 "* ]]; }
+
+if wants sidecar; then
+  say "sidecar: capacity, fused kernels on and off, vs reference-style perception+decision"
+  python3 "$here/sidecar_bench.py" --streams 512 --rounds 4 --history 8 --batch 64 --measure-preprocess \
+    --compare-unfused --profile "$RESULTS/sidecar_profile_h200.txt" --out "$RESULTS/sidecar_h200.json"
+fi
+if wants reference; then
+  say "reference: reference-style computation with its blocking reaction"
+  python3 "$here/reference_bench.py" --out "$RESULTS/reference_h200.json"
+fi
+if wants ours || wants blocking; then
+  say "ours: starting the server"
+  bash "$here/h200_streams.sh" start || exit 1
+fi
+if wants ours; then
+  say "ours: sweep ${OURS_N:-1 128 256 320}"
+  # shellcheck disable=SC2086
+  sweep "$RESULTS/streams_h200.json" "${DURATION:-96}" --max-tokens "${MAX_TOKENS:-32}" --sweep ${OURS_N:-1 128 256 320}
+fi
+if wants blocking; then
+  say "blocking: sweep ${BLOCKING_N:-64 128 256} on the same server"
+  # shellcheck disable=SC2086
+  sweep "$RESULTS/streams_blocking_h200.json" "${BASE_DURATION:-64}" --max-tokens "${MAX_TOKENS:-32}" \
+    --blocking-reaction --no-warmup --sweep ${BLOCKING_N:-64 128 256}
+fi
+if wants ours || wants blocking; then
+  bash "$here/h200_streams.sh" stop
+  sleep 5
+fi
+if wants plain; then
+  say "plain vLLM: ${PLAIN_N:-256 320} streams' answer load"
+  # shellcheck disable=SC2086
+  python3 "$here/plain_vllm_bench.py" --streams ${PLAIN_N:-256 320} --duration "${BASE_DURATION:-64}" \
+    --out "$RESULTS/plain_vllm_h200.json"
+fi
+if wants tenancy; then
+  say "tenancy: a light tenant alone, then beside a flooding one"
+  bash "$here/h200_tenancy.sh" "$RESULTS/tenancy_h200.json" --duration "${BASE_DURATION:-64}"
+fi
 say "done"
