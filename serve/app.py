@@ -109,6 +109,7 @@ def make_backends(config: ServerConfig, parts: ModelParts) -> Backends:
         gpu_memory_utilization=placement.gpu_memory_utilization,
         tensor_parallel_size=placement.tensor_parallel_size,
         enforce_eager=on_cpu if config.enforce_eager is None else config.enforce_eager,
+        disable_custom_all_reduce=config.disable_custom_all_reduce,
         cpu_kv_cache_gib=config.cpu_kv_cache_gib,
         scheduling_policy=config.scheduling_policy,
     ))

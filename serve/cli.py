@@ -70,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="GPUs for the reaction model (vLLM tensor parallelism over GPUs 0..N-1; default 1)")
     engine.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=None,
                         help="no compilation or CUDA graphs (default: on for the CPU, off on a GPU)")
+    engine.add_argument("--disable-custom-all-reduce", action="store_true",
+                        help="with --tensor-parallel-size > 1: all-reduce through NCCL only, not vLLM's CUDA-IPC "
+                             "kernel (for hosts where GPU peer access fails, e.g. some VMs)")
     engine.add_argument("--cpu-kv-cache-gib", type=int, default=defaults.cpu_kv_cache_gib, metavar="GIB",
                         help="KV cache size on the CPU, unless VLLM_CPU_KVCACHE_SPACE is set (default 1)")
     engine.add_argument("--scheduling-policy", choices=["fcfs", "priority"], default=defaults.scheduling_policy,
@@ -140,6 +143,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         dtype=args.dtype, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
         gpu_memory_utilization=args.gpu_memory_utilization, tensor_parallel_size=args.tensor_parallel_size,
         enforce_eager=args.enforce_eager, cpu_kv_cache_gib=args.cpu_kv_cache_gib,
+        disable_custom_all_reduce=args.disable_custom_all_reduce,
         sidecar_device=args.sidecar_device, sidecar_threads=args.sidecar_threads,
         max_batch_clips=args.max_batch_clips, respond_every=args.respond_every,
         respond_probability=args.respond_probability,

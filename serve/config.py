@@ -27,6 +27,7 @@ class ServerConfig:
     gpu_memory_utilization: float | None = None  # None: by placement (0.75 of a GPU shared with the sidecar)
     tensor_parallel_size: int = 1
     enforce_eager: bool | None = None  # None: on for the CPU (no compilation), off on a GPU
+    disable_custom_all_reduce: bool = False  # tensor parallelism: NCCL only, no CUDA-IPC all-reduce kernel
     cpu_kv_cache_gib: int = 1
     scheduling_policy: str = "fcfs"  # "priority": reactions are ordered by their tenant's priority
     # sidecar (perception + decision)

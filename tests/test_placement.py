@@ -75,3 +75,18 @@ def test_the_server_refuses_a_gpu_placement_on_this_cpu_host_before_loading_anyt
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2, done.stderr
     assert "--sidecar-device cuda:1" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_disable_custom_all_reduce_reaches_vllms_engine_args(default_checkpoint):
+    """The option for hosts where vLLM's CUDA-IPC all-reduce fails goes from the CLI to vLLM's engine arguments."""
+    from serve.app import make_backends
+    from serve.cli import build_parser, config_from_args
+    from serve.config import resolve_model_parts
+
+    def engine_args(*flags: str):
+        args = build_parser().parse_args(["--checkpoint", str(default_checkpoint.checkpoint_dir), *flags])
+        config = config_from_args(args)
+        return make_backends(config, resolve_model_parts(config)).engine.engine_args()
+
+    assert engine_args("--disable-custom-all-reduce").disable_custom_all_reduce
+    assert not engine_args().disable_custom_all_reduce

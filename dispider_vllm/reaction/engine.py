@@ -77,6 +77,7 @@ class ReactionEngineConfig:
     gpu_memory_utilization: float = 0.85
     tensor_parallel_size: int = 1
     enforce_eager: bool = False
+    disable_custom_all_reduce: bool = False  # tensor parallelism over NCCL only
     cpu_kv_cache_gib: int = 1  # VLLM_CPU_KVCACHE_SPACE, when running on the CPU
     scheduling_policy: str = "fcfs"  # or "priority": then ``respond(priority=...)`` orders requests
     seed: int = 0
@@ -94,11 +95,19 @@ class ReactionEngine:
     # -- lifecycle ----------------------------------------------------------------------------------------
     async def start(self) -> None:
         """Build the engine (it spawns its own engine-core process) and wait until it takes requests."""
-        from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
         _prepare_cpu_environment(self.config)
-        args = AsyncEngineArgs(
+        args = self.engine_args()
+        # Blocks until the engine core is up (minutes on the CPU); called in a running loop, it also starts
+        # the output handler, so a dead engine core shows in ``is_alive`` before any request.
+        self._llm = AsyncLLM.from_engine_args(args)
+
+    def engine_args(self):
+        """vLLM's ``AsyncEngineArgs`` for this configuration."""
+        from vllm.engine.arg_utils import AsyncEngineArgs
+
+        return AsyncEngineArgs(
             model=self.config.model_dir,
             # A shapes-only split (dispider_vllm.checkpoint.dummy) has no weights: vLLM fills them at random.
             load_format="dummy" if _has_dummy_weights(self.config.model_dir) else "auto",
@@ -108,6 +117,7 @@ class ReactionEngine:
             gpu_memory_utilization=self.config.gpu_memory_utilization,
             tensor_parallel_size=self.config.tensor_parallel_size,
             enforce_eager=self.config.enforce_eager,
+            disable_custom_all_reduce=self.config.disable_custom_all_reduce,
             scheduling_policy=self.config.scheduling_policy,
             seed=self.config.seed,
             # Answers of one stream share their system prompt and, with the same retrieved clips, their bundle.
@@ -116,9 +126,6 @@ class ReactionEngine:
             limit_mm_per_prompt={"image": 1},
             disable_log_stats=True,
         )
-        # Blocks until the engine core is up (minutes on the CPU); called in a running loop, it also starts
-        # the output handler, so a dead engine core shows in ``is_alive`` before any request.
-        self._llm = AsyncLLM.from_engine_args(args)
 
     def shutdown(self) -> None:
         if self._llm is not None:
