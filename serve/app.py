@@ -100,6 +100,7 @@ def make_backends(config: ServerConfig, parts: ModelParts) -> Backends:
         respond_every=config.respond_every,
         respond_probability=config.respond_probability,
         threads=placement.sidecar_threads,
+        preprocess_workers=config.preprocess_workers,
     ))
     engine = ReactionEngine(ReactionEngineConfig(
         model_dir=str(parts.reaction_dir),

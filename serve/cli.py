@@ -85,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
                               "else GPU 0, shared; the CPU on the CPU build)")
     sidecar.add_argument("--sidecar-threads", type=int, metavar="N",
                          help="torch CPU threads in the sidecar (default: 4 on a GPU host, all cores on the CPU)")
+    sidecar.add_argument("--preprocess-workers", type=int, default=defaults.preprocess_workers, metavar="N",
+                         help="threads preprocessing closed clips in the sidecar, beside the GPU's work "
+                              f"(default {defaults.preprocess_workers}; 0: on the sidecar's loop)")
     sidecar.add_argument("--max-batch-clips", type=int, default=defaults.max_batch_clips, metavar="N",
                          help=f"clips of all streams perceived in one batch (default {defaults.max_batch_clips})")
     forced = sidecar.add_mutually_exclusive_group()
@@ -145,6 +148,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         enforce_eager=args.enforce_eager, cpu_kv_cache_gib=args.cpu_kv_cache_gib,
         disable_custom_all_reduce=args.disable_custom_all_reduce,
         sidecar_device=args.sidecar_device, sidecar_threads=args.sidecar_threads,
+        preprocess_workers=args.preprocess_workers,
         max_batch_clips=args.max_batch_clips, respond_every=args.respond_every,
         respond_probability=args.respond_probability,
         default_max_tokens=args.default_max_tokens, max_upload_mb=args.max_upload_mb,
@@ -165,6 +169,8 @@ def _check(parser: argparse.ArgumentParser, config: ServerConfig) -> str:
     for flag, value in positive.items():
         if value < 1:
             parser.error(f"{flag} must be >= 1")
+    if config.preprocess_workers < 0:
+        parser.error("--preprocess-workers must be >= 0")
     if config.respond_probability is not None and not 0 <= config.respond_probability <= 1:
         parser.error("--respond-probability must be between 0 and 1")
     try:  # a bad tenants or cost file stops the server here, before the models load

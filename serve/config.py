@@ -33,6 +33,7 @@ class ServerConfig:
     # sidecar (perception + decision)
     sidecar_device: str = "auto"
     sidecar_threads: int | None = None
+    preprocess_workers: int = 4  # threads preprocessing closed clips in the sidecar (0: on its loop)
     max_batch_clips: int = 32
     respond_every: int | None = None
     respond_probability: float | None = None  # or answer each clip with this probability

@@ -77,16 +77,26 @@ def test_the_server_refuses_a_gpu_placement_on_this_cpu_host_before_loading_anyt
     assert "--sidecar-device cuda:1" in done.stderr and "Traceback" not in done.stderr
 
 
-def test_disable_custom_all_reduce_reaches_vllms_engine_args(default_checkpoint):
-    """The option for hosts where vLLM's CUDA-IPC all-reduce fails goes from the CLI to vLLM's engine arguments."""
+def test_engine_and_sidecar_options_reach_the_processes_that_use_them(default_checkpoint):
+    """--disable-custom-all-reduce (hosts where vLLM's CUDA-IPC all-reduce fails) reaches vLLM's engine arguments,
+    --preprocess-workers the sidecar's configuration."""
     from serve.app import make_backends
     from serve.cli import build_parser, config_from_args
     from serve.config import resolve_model_parts
 
-    def engine_args(*flags: str):
+    def backends(*flags: str):
         args = build_parser().parse_args(["--checkpoint", str(default_checkpoint.checkpoint_dir), *flags])
         config = config_from_args(args)
-        return make_backends(config, resolve_model_parts(config)).engine.engine_args()
+        return make_backends(config, resolve_model_parts(config))
 
-    assert engine_args("--disable-custom-all-reduce").disable_custom_all_reduce
-    assert not engine_args().disable_custom_all_reduce
+    assert backends("--disable-custom-all-reduce").engine.engine_args().disable_custom_all_reduce
+    default = backends()
+    assert not default.engine.engine_args().disable_custom_all_reduce
+    assert default.sidecar.config.preprocess_workers == 4
+    assert backends("--preprocess-workers", "2").sidecar.config.preprocess_workers == 2
+
+
+def test_a_negative_preprocess_worker_count_is_a_usage_error(default_checkpoint):
+    result = subprocess.run([sys.executable, "-m", "serve", "--checkpoint", str(default_checkpoint.checkpoint_dir),
+                             "--preprocess-workers", "-1"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "--preprocess-workers must be >= 0" in result.stderr

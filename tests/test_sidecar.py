@@ -387,9 +387,9 @@ def test_stats_report_each_steps_clips_phases_and_queue_waits(modules, part_dir,
 
 
 def test_the_sidecar_process_preprocesses_on_a_pool(part_dir):
-    from dispider_vllm.sidecar.process import PREPROCESS_WORKERS, _build_engine
+    from dispider_vllm.sidecar.process import _build_engine
 
-    assert PREPROCESS_WORKERS > 0
-    assert _build_engine(SidecarConfig(part_dir=str(part_dir))).preprocess_workers == PREPROCESS_WORKERS
-    engine = _build_engine(SidecarConfig(part_dir=str(part_dir), extra={"preprocess_workers": 0}))
+    assert SidecarConfig(part_dir=str(part_dir)).preprocess_workers > 0
+    assert _build_engine(SidecarConfig(part_dir=str(part_dir), preprocess_workers=3)).preprocess_workers == 3
+    engine = _build_engine(SidecarConfig(part_dir=str(part_dir), preprocess_workers=0))
     assert engine.preprocess_workers == 0

@@ -24,9 +24,6 @@ MAX_COMMANDS_PER_TURN = 4096
 # one tenant's long video cannot hold up the clips of live streams that arrive meanwhile.
 DECODED_FRAMES_PER_PIECE = 32
 DECODED_PIECES_PER_TURN = 4
-# Threads preprocessing closed clips (~10 ms of CPU each), so a busy turn's clips are ready in a fraction of the
-# time one thread took while the GPU waited; ``SidecarConfig.extra["preprocess_workers"]`` overrides it.
-PREPROCESS_WORKERS = 4
 
 
 def run_sidecar(config: SidecarConfig, commands, events) -> None:
@@ -61,7 +58,8 @@ def _build_engine(config: SidecarConfig):
         max_batch_clips=config.max_batch_clips,
         decision_config=DecisionConfig(max_kept_clips=config.max_kept_clips, max_context_clips=config.max_context_clips),
         respond_policy=make_respond_policy(config.respond_every, config.respond_probability),
-        preprocess_workers=int(config.extra.get("preprocess_workers", PREPROCESS_WORKERS)),
+        # Closed clips' pixels (~10 ms of CPU each) are preprocessed on threads, a busy turn's clips at once.
+        preprocess_workers=config.preprocess_workers,
     )
 
 
