@@ -896,20 +896,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--respond-every", type=int, metavar="N",
                         help="with --start-server: the server forces an answer every N clips (random weights "
                              "decide at random); with --url: only recorded, it must match the server's")
-    parser.add_argument("--max-tokens", type=int, default=32, metavar="N", help="tokens per answer (default 32)")
+    add_stream_options(parser)
     parser.add_argument("--fps", type=float, default=1.0, help="frames pushed per second of video (default 1)")
     parser.add_argument("--speed", type=float, default=1.0, metavar="X",
                         help="video seconds per wall second (default 1; more is for smoke tests, not measurements)")
     parser.add_argument("--stagger", type=float, default=float(CLIP_SECONDS), metavar="S",
                         help=f"spread stream starts evenly over S seconds (default {CLIP_SECONDS}: one clip; 0: all "
                              "clips close at once, the worst case)")
-    parser.add_argument("--video", type=Path, help="stream this video (looped) instead of the generated one")
-    parser.add_argument("--frame-size", default="640x360", metavar="WxH",
-                        help="size of the generated video's frames (default 640x360)")
-    parser.add_argument("--drop-after", type=float, default=2.0, metavar="S",
-                        help="drop a frame the client could not push within S s of its time (default 2)")
-    parser.add_argument("--drain-timeout", type=float, default=120.0, metavar="S",
-                        help="after its last frame, wait at most S s for a stream's last answers (default 120)")
     parser.add_argument("--growth-tolerance", type=float, default=0.5, metavar="S",
                         help="largest rise of push lag or decision latency over a run that is not a backlog "
                              "(default 0.5 s)")
@@ -926,6 +919,18 @@ def build_parser() -> argparse.ArgumentParser:
                              "half the cores)")
     parser.add_argument("--out", type=Path, help="write the JSON report here")
     return parser
+
+
+def add_stream_options(parser: argparse.ArgumentParser) -> None:
+    """What each live stream sends and how long it waits: shared with tenancy_bench.py."""
+    parser.add_argument("--max-tokens", type=int, default=32, metavar="N", help="tokens per answer (default 32)")
+    parser.add_argument("--video", type=Path, help="stream this video (looped) instead of the generated one")
+    parser.add_argument("--frame-size", default="640x360", metavar="WxH",
+                        help="size of the generated video's frames (default 640x360; the H200 runs use 320x240)")
+    parser.add_argument("--drop-after", type=float, default=2.0, metavar="S",
+                        help="drop a frame the client could not push within S s of its time (default 2)")
+    parser.add_argument("--drain-timeout", type=float, default=120.0, metavar="S",
+                        help="after its last frame, wait at most S s for a stream's last answers (default 120)")
 
 
 def server_log_path() -> Path:

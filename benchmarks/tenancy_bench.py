@@ -431,14 +431,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "one clip, the flood's ramp-up)")
     parser.add_argument("--stagger", type=float, default=float(ls.CLIP_SECONDS), metavar="S",
                         help=f"spread each tenant's stream starts over S seconds (default {ls.CLIP_SECONDS})")
-    parser.add_argument("--max-tokens", type=int, default=32, metavar="N", help="tokens per answer (default 32)")
-    parser.add_argument("--video", type=Path, help="stream this video (looped) instead of the generated one")
-    parser.add_argument("--frame-size", default="640x360", metavar="WxH",
-                        help="size of the generated video's frames (default 640x360; the H200 sweep used 320x240)")
-    parser.add_argument("--drop-after", type=float, default=2.0, metavar="S",
-                        help="drop a frame the client could not push within S s of its time (default 2)")
-    parser.add_argument("--drain-timeout", type=float, default=120.0, metavar="S",
-                        help="after its last frame, wait at most S s for a stream's last answers (default 120)")
+    ls.add_stream_options(parser)
     parser.add_argument("--server-start-timeout", type=float, default=900.0, metavar="S")
     parser.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=True,
                         help="run one short light stream before measuring (default on)")
