@@ -321,6 +321,35 @@ def test_preprocessing_runs_on_the_pool_and_keeps_each_streams_clip_order(module
     assert not [e for e in pooled if isinstance(e, StreamError)]
 
 
+def test_frames_are_resized_as_they_arrive_and_a_closing_clip_only_normalises(modules, part_dir, frames,
+                                                                               monkeypatch):
+    """Each sampled frame's resize starts on the pool when it is pushed, before its clip closes; the clip made from
+    those prepared frames is the same, bit for bit, as one preprocessed in one go."""
+    import dispider_vllm.sidecar.engine as engine_module
+    from dispider_vllm.perception.clips import ClipWindow, PreparedFrame
+
+    resized_at: list[float] = []
+    real_resize = engine_module.resize_frame
+    monkeypatch.setattr(engine_module, "resize_frame",
+                        lambda frame, config: (resized_at.append(frame.timestamp), real_resize(frame, config))[1])
+    engine = new_engine(modules, part_dir, preprocess_workers=2)
+    engine.handle(OpenStream("a", "q?"))
+    engine.handle(PushFrames("a", tuple(frames[:20])))  # 2 fps: 10 sampled frames, no clip closed yet
+    deadline = time.monotonic() + 10
+    while len(resized_at) < 10 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len(resized_at) == 10 and engine.pending_clips() == 0
+    engine.handle(PushFrames("a", tuple(frames[20:34])))  # 17 sampled: the first clip closes
+    assert engine.pending_clips() == 1
+    clip = engine.streams["a"].ready[0].clip.result(timeout=10)
+    assert len(resized_at) == 17  # each frame once, none again at the clip's close
+    window_frames = tuple(f for f in frames[:34] if f.timestamp in clip.frame_times)
+    assert len(window_frames) == 16 and all(not isinstance(f, PreparedFrame) for f in window_frames)
+    whole = engine_module.make_clip(ClipWindow(clip.index, clip.start, clip.end, window_frames), engine.preprocessor)
+    assert whole.pixels.dtype == torch.float32 and torch.equal(clip.pixels, whole.pixels)
+    engine.close()
+
+
 def test_a_step_waits_briefly_for_clips_in_preprocessing(modules, part_dir, frames, monkeypatch):
     """A clip still on the pool keeps the engine busy (the stream is not finished) and a step waits for it,
     up to ``preprocess_wait_s``, instead of returning at once for the loop to spin."""

@@ -314,28 +314,42 @@ def preprocess_frames(
     ``CLIPImageProcessor`` of transformers 5 does: shortest edge resized to ``size`` (bicubic, antialiased, on
     uint8), center crop to ``crop_size`` (default ``size``), rescale, normalise. Frames of one size form one batch.
     """
+    crop = (crop_size, crop_size) if isinstance(crop_size, int) else crop_size or (size, size)
+    return normalize_frames(resize_frames(frames, size, crop), image_mean, image_std, rescale_factor)
+
+
+def resize_frames(frames: Sequence[np.ndarray], size: int, crop: tuple[int, int]) -> torch.Tensor:
+    """The costly half of preprocessing: squash, resize, center crop -> uint8 [n, 3, crop_h, crop_w].
+
+    Done per frame as frames arrive (a quarter of the float result's bytes), so closing a clip only normalises."""
     if not frames:
         raise ValueError("no frames to preprocess")
-    crop = (crop_size, crop_size) if isinstance(crop_size, int) else crop_size or (size, size)
-    out = torch.empty(len(frames), 3, crop[0], crop[1], dtype=torch.float32)
+    out = torch.empty(len(frames), 3, crop[0], crop[1], dtype=torch.uint8)
     squares = [_squash_to_square(frame) for frame in frames]
     for indices in _group_by_shape(squares).values():
         batch = torch.from_numpy(np.stack([squares[i] for i in indices])).permute(0, 3, 1, 2)
-        out[indices] = _center_crop(_resize_shortest_edge(batch, size), crop).float()
+        out[indices] = _center_crop(_resize_shortest_edge(batch, size), crop)
+    return out
+
+
+def normalize_frames(resized: torch.Tensor, image_mean: Sequence[float] = CLIP_MEAN,
+                     image_std: Sequence[float] = CLIP_STD, rescale_factor: float = 1 / 255) -> torch.Tensor:
+    """uint8 [n, 3, h, w] from :func:`resize_frames` -> the CLIP tower's float32 input: rescale, normalise."""
     mean = torch.tensor(image_mean, dtype=torch.float32).view(1, 3, 1, 1)
     std = torch.tensor(image_std, dtype=torch.float32).view(1, 3, 1, 1)
-    return (out * rescale_factor - mean) / std
+    return (resized.float() * rescale_factor - mean) / std
 
 
 def preprocess_with_config(frames: Sequence[np.ndarray], config: PreprocessorConfig) -> torch.Tensor:
-    return preprocess_frames(
-        frames,
-        config.image_mean,
-        config.image_std,
-        config.shortest_edge,
-        crop_size=(config.crop_height, config.crop_width),
-        rescale_factor=config.rescale_factor,
-    )
+    return normalize_with_config(resize_with_config(frames, config), config)
+
+
+def resize_with_config(frames: Sequence[np.ndarray], config: PreprocessorConfig) -> torch.Tensor:
+    return resize_frames(frames, config.shortest_edge, (config.crop_height, config.crop_width))
+
+
+def normalize_with_config(resized: torch.Tensor, config: PreprocessorConfig) -> torch.Tensor:
+    return normalize_frames(resized, config.image_mean, config.image_std, config.rescale_factor)
 
 
 def _group_by_shape(frames: Sequence[np.ndarray]) -> dict[tuple[int, ...], list[int]]:

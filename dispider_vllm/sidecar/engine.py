@@ -5,9 +5,10 @@ tenants, least recently served first, then over each tenant's streams, up to ``m
 least as many clips per batch as tenants, every tenant with a closed clip has one in the next batch, however
 many streams the others run), runs them through the CLIP tower and the
 compact model's first pass as one batch, then decides every stream's new clips in one batched decision pass.
-Frames are sampled and assembled into clips as they arrive (``handle``), so a step only sees whole clips; each
-closed clip's pixels are preprocessed on a small thread pool (``preprocess_workers``; the sidecar process runs
-one), in parallel instead of one clip after another while the GPU waits.
+Frames are sampled and assembled into clips as they arrive (``handle``), so a step only sees whole clips. Each
+sampled frame's resize and crop starts on a small thread pool as soon as it arrives (``preprocess_workers``; the
+sidecar process runs one), so when a clip closes only stacking and normalising its 16 frames is left (also on the
+pool): the CPU work is spread over the clip's 16 seconds instead of sitting between its last frame and its step.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from concurrent.futures import ALL_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
 from dispider_vllm.decision.engine import DecisionConfig, DecisionEngine
-from dispider_vllm.perception.clips import ClipAssembler, ClipWindow, make_clip
+from dispider_vllm.perception.clips import ClipAssembler, ClipWindow, PreparedFrame, make_clip, resize_frame
 from dispider_vllm.perception.encoder import PerceptionEncoder
 from dispider_vllm.perception.frames import FrameError, FrameSampler, PreprocessorConfig, VideoError, decode_video
 from dispider_vllm.perception.modules import PerceptionDecisionModules
@@ -248,17 +249,26 @@ class SidecarEngine:
         sampled_frames = stream.sampler.push(frame)
         if stream.assembler.start is None:
             stream.assembler.start = stream.sampler.start  # windows start where the stream's time starts
-        windows = [window for sampled in sampled_frames for window in stream.assembler.push_windows(sampled)]
+        windows = [window for sampled in sampled_frames
+                   for window in stream.assembler.push_windows(self._prepare(sampled))]
         stream.clips_closed += len(windows)
         return windows
 
+    def _prepare(self, frame: Frame) -> PreparedFrame:
+        """The sampled frame, its resize and crop started (on the pool, or done here without one)."""
+        return PreparedFrame(frame.timestamp, frame.pixels, self._run(resize_frame, frame, self.preprocessor))
+
     def _preprocess(self, window: ClipWindow) -> Future:
-        """The window's Clip, made on the pool (or here, done already, without one); a failure stays in the Future."""
+        """The window's Clip, made on the pool (or here, done already, without one); a failure stays in the Future.
+        Its frames' jobs went into the pool's queue before this one, so waiting for them here cannot deadlock."""
+        return self._run(make_clip, window, self.preprocessor)
+
+    def _run(self, function, *args) -> Future:
         if self._pool is not None:
-            return self._pool.submit(make_clip, window, self.preprocessor)
+            return self._pool.submit(function, *args)
         future: Future = Future()
         try:
-            future.set_result(make_clip(window, self.preprocessor))
+            future.set_result(function(*args))
         except Exception as error:  # noqa: BLE001 - reported as the stream's error when the clip's turn comes
             future.set_exception(error)
         return future
