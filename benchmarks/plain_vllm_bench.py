@@ -20,7 +20,10 @@ respond_every (``--respond-probability``, ``benchmarks/h200_streams.sh``). ``--a
 way ``--respond-every`` does on the server: stream i's triggers come at i x stagger / N + j x 16 x respond_every
 seconds (j = 0, 1, ...), with ``--stagger`` 16 s (one clip, as the sweep spreads its stream starts), so the N
 streams' answers come in a burst of N within 16 s once every period; ``--stagger`` equal to the period spreads them
-evenly. (The run starts at the streams' first trigger, j = 0, instead of idling through their first period.) Every
+evenly. (The run starts at the streams' first trigger, j = 0, instead of idling through their first period.)
+``--arrivals burst`` sends one request per stream, all at once: the engine batches as well as it can, and
+``completed_per_s`` (answers finished / seconds to the last one) is the reaction's throughput ceiling on this GPU,
+which bounds how many streams any design that runs this reaction can serve (``benchmarks/capacity_bound.py``). Every
 request is ``--prompt-tokens`` random ordinary token ids (default 4,464: a Dispider reaction prompt of k = 4
 retrieved clips, 1088 x 4 positions, t = 48 global-memory tokens and 64 of question text) drawn from its own seed,
 so no two prompts share a cache block and the prefix cache cannot help (``prefix_cached_tokens`` in the report
@@ -102,7 +105,9 @@ def poisson_arrivals(streams: int, period: float, duration: float, rng: random.R
 
 def plan_requests(streams: int, args: argparse.Namespace) -> list[PlannedRequest]:
     period = period_s(args.respond_every)
-    if args.arrivals == "poisson":
+    if args.arrivals == "burst":
+        times = [(0.0, stream) for stream in range(streams)]
+    elif args.arrivals == "poisson":
         times = poisson_arrivals(streams, period, args.duration, random.Random(args.seed * 1_000_003 + streams))
     else:
         times = staggered_arrivals(streams, period, args.stagger, args.duration)
@@ -259,7 +264,7 @@ async def report_progress(streams: int, planned: list[PlannedRequest], records: 
 async def run_streams(llm, run_id: int, streams: int, prompts: PromptMaker, args: argparse.Namespace) -> dict:
     planned = plan_requests(streams, args)
     params = sampling_params(args.max_tokens)
-    say(f"N={streams}: {len(planned)} requests over {args.duration:g} s "
+    say(f"N={streams}: {len(planned)} requests over {trigger_seconds(args):g} s "
         f"(mean {streams / period_s(args.respond_every):.3f}/s, {args.arrivals})")
     run_start = time.monotonic() + 0.5  # room to create every task before the first trigger is due
     records = [RequestRecord(p.stream, run_start + p.at_s) for p in planned]
@@ -269,13 +274,18 @@ async def run_streams(llm, run_id: int, streams: int, prompts: PromptMaker, args
     tasks = [asyncio.create_task(issue_request(llm, p, prompts, run_id, params, r))
              for p, r in zip(planned, records)]
     try:
-        unfinished = await wait_with_drain(tasks, run_start + args.duration + args.drain_timeout)
+        unfinished = await wait_with_drain(tasks, run_start + trigger_seconds(args) + args.drain_timeout)
     finally:
         for helper in helpers:
             helper.cancel()
         await asyncio.gather(*helpers, return_exceptions=True)
-    wall = max([r.last for r in records if r.last is not None] + [run_start + args.duration]) - run_start
+    wall = max([r.last for r in records if r.last is not None] + [run_start + trigger_seconds(args)]) - run_start
     return summarize_run(streams, records, unfinished, wall, gpu, args)
+
+
+def trigger_seconds(args: argparse.Namespace) -> float:
+    """How long triggers keep coming: a burst comes at once."""
+    return 0.0 if args.arrivals == "burst" else args.duration
 
 
 async def wait_with_drain(tasks: list[asyncio.Task], deadline: float) -> int:
@@ -314,6 +324,7 @@ def summarize_run(streams: int, records: list[RequestRecord], unfinished: int, w
         "submit_lag_s": distribution([r.submitted - r.scheduled for r in records if r.submitted is not None]),
         "tokens_total": tokens,
         "tokens_per_s_total": round(tokens / wall, 4) if wall > 0 else None,
+        "completed_per_s": round(len(completed) / wall, 4) if wall > 0 else None,
         "prefix_cached_tokens": sum(r.cached_tokens for r in records),
         "gpu_memory": gpu_memory_summary(gpu),
         "within_ttft_bound": None if ttft["p99"] is None else ttft["p99"] <= MAX_P99_TTFT_S,
@@ -372,10 +383,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="seconds of triggers per N (default 160); the run then waits for the answers")
     parser.add_argument("--respond-every", type=int, default=8, metavar="K",
                         help="a stream answers every K clips of 16 s (default 8, as benchmarks/h200_streams.sh)")
-    parser.add_argument("--arrivals", choices=["staggered", "poisson"], default="poisson",
+    parser.add_argument("--arrivals", choices=["staggered", "poisson", "burst"], default="poisson",
                         help="poisson (default): each stream a Poisson process of rate 1/(16*K), as the live sweep's "
                              "server answers each clip with probability 1/K; staggered: stream i at "
-                             "i*stagger/N + j*16*K s (the sweep's --respond-every timing)")
+                             "i*stagger/N + j*16*K s (the sweep's --respond-every timing); burst: one request per "
+                             "stream, all at once (the throughput ceiling, completed_per_s; --duration unused)")
     parser.add_argument("--stagger", type=float, default=float(CLIP_SECONDS), metavar="S",
                         help=f"staggered: stream phases spread over S s (default {CLIP_SECONDS}, one clip, as "
                              "load_streams.py; 16*K spreads the triggers evenly)")
@@ -437,7 +449,8 @@ def print_run(run: dict) -> None:
     q = run["requests"]
     say(f"N={run['streams']}: {q['completed']}/{q['planned']} completed ({q['failed']} failed, {q['unfinished']} "
         f"unfinished), TTFT p50/p99 {fmt_s(run['ttft_s']['p50'])}/{fmt_s(run['ttft_s']['p99'])}, "
-        f"ITL p50 {fmt_s(run['itl_s']['p50'])}, {run['tokens_per_s_total']} tok/s")
+        f"ITL p50 {fmt_s(run['itl_s']['p50'])}, {run['tokens_per_s_total']} tok/s, "
+        f"{run['completed_per_s']} answers/s")
 
 
 def print_table(report: dict) -> None:
