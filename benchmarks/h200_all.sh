@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # The figures of one H200 session, one after the other, on one GPU (about 35 minutes with every step):
+#   graphs:    the sidecar's small-batch steps with CUDA graphs vs eager, and their outputs compared (graph_bench.py);
 #   sidecar:   sidecar capacity vs reference-style perception+decision, fused kernels on and off (sidecar_bench.py);
 #   reference: the reference-style computation with its blocking reaction (reference_bench.py);
+#   burst:     the reaction's throughput ceiling: plain vLLM, BURST_N answers at once (plain_vllm_bench.py --arrivals
+#              burst), then the one-GPU capacity bound from it and the sidecar's ceiling (capacity_bound.py);
 #   ours:      the server (h200_streams.sh start) and the live sweep, N = 1 (the idle server) first;
 #   blocking:  the same server, sessions opened with "blocking_reaction": true (input held while answering);
 #   plain:     plain vLLM serving the reaction LLM alone, under the same answer load (plain_vllm_bench.py);
@@ -30,6 +33,10 @@ sweep() {  # sweep OUT DURATION [load_streams args...]
 STEPS=" ${STEPS:-sidecar reference ours blocking plain tenancy} "
 wants() { [[ "$STEPS" == *" $1 "* ]]; }
 
+if wants graphs; then
+  say "graphs: the sidecar's small-batch steps, CUDA graphs vs eager"
+  python3 "$here/graph_bench.py" --out "$RESULTS/graph_h200.json"
+fi
 if wants sidecar; then
   say "sidecar: capacity, fused kernels on and off, vs reference-style perception+decision"
   python3 "$here/sidecar_bench.py" --streams 512 --rounds 4 --history 8 --batch 64 --measure-preprocess \
@@ -38,6 +45,16 @@ fi
 if wants reference; then
   say "reference: reference-style computation with its blocking reaction"
   python3 "$here/reference_bench.py" --out "$RESULTS/reference_h200.json"
+fi
+if wants burst; then
+  say "burst: the reaction's throughput ceiling, ${BURST_N:-64 256} answers at once"
+  # shellcheck disable=SC2086
+  python3 "$here/plain_vllm_bench.py" --arrivals burst --streams ${BURST_N:-64 256} \
+    --out "$RESULTS/plain_vllm_burst_h200.json"
+  # The sidecar's and the reference's figures of this run where it made them, else the committed ones.
+  pick() { if [[ -f "$RESULTS/$1" ]]; then echo "$RESULTS/$1"; else echo "$here/results/$1"; fi; }
+  python3 "$here/capacity_bound.py" --sidecar "$(pick sidecar_h200.json)" --reaction "$RESULTS/plain_vllm_burst_h200.json" \
+    --reference "$(pick reference_h200.json)" --ours "$(pick streams_h200.json)" --out "$RESULTS/capacity_bound_h200.json"
 fi
 if wants ours || wants blocking; then
   say "ours: starting the server"

@@ -25,8 +25,10 @@ case "${1:-}" in
       --max-sessions 2048 --gpu-memory-utilization 0.55 --max-batch-clips 64 --default-max-tokens 64 "$@" \
       > "$WORK/server.log" 2>&1 < /dev/null &
     for _ in $(seq 600); do
-      if curl -sf "$URL/health" > /dev/null; then echo "server up at $URL"; exit 0; fi
       sleep 1
+      if curl -sf "$URL/health" > /dev/null; then echo "server up at $URL"; exit 0; fi
+      pgrep -f "[p]ython3 -m serve --checkpoint $WORK/split" > /dev/null \
+        || { echo "the server exited before it was up"; break; }  # instead of waiting out the 10 minutes
     done
     tail -50 "$WORK/server.log"; exit 1 ;;
   sweep)
