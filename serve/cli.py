@@ -86,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     sidecar.add_argument("--sidecar-threads", type=int, metavar="N",
                          help="torch CPU threads in the sidecar (default: 4 on a GPU host, all cores on the CPU)")
     sidecar.add_argument("--preprocess-workers", type=int, default=defaults.preprocess_workers, metavar="N",
-                         help="threads preprocessing closed clips in the sidecar, beside the GPU's work "
+                         help="threads resizing each sampled frame as it arrives (and stacking a closed clip's) in the "
+                              "sidecar, beside the GPU's work "
                               f"(default {defaults.preprocess_workers}; 0: on the sidecar's loop)")
     sidecar.add_argument("--max-batch-clips", type=int, default=defaults.max_batch_clips, metavar="N",
                          help=f"clips of all streams perceived in one batch (default {defaults.max_batch_clips})")

@@ -46,7 +46,7 @@ class SidecarConfig:
     respond_every: int | None = None  # force a trigger every N clips (load tests with random weights)
     respond_probability: float | None = None  # or with this probability per clip (seeded per stream)
     threads: int | None = None  # torch CPU threads in the sidecar process
-    preprocess_workers: int = 4  # threads preprocessing closed clips' pixels beside the GPU's work (0: inline)
+    preprocess_workers: int = 4  # threads resizing frames as they arrive, beside the GPU's work (0: inline)
     extra: dict = field(default_factory=dict)
 
 
