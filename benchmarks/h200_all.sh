@@ -35,7 +35,10 @@ wants() { [[ "$STEPS" == *" $1 "* ]]; }
 
 if wants graphs; then
   say "graphs: the sidecar's small-batch steps, CUDA graphs vs eager"
-  python3 "$here/graph_bench.py" --out "$RESULTS/graph_h200.json"
+  if ! python3 "$here/graph_bench.py" --out "$RESULTS/graph_h200.json"; then
+    say "graphs: graph_bench failed (see above): the steps after this one run with DISPIDER_CUDA_GRAPHS=0"
+    export DISPIDER_CUDA_GRAPHS=0
+  fi
 fi
 if wants sidecar; then
   say "sidecar: capacity, fused kernels on and off, vs reference-style perception+decision"

@@ -89,9 +89,15 @@ class Rotary:
             self._cache = torch.cat((angles.cos(), angles.sin()), dim=-1).to(self.dtype)
         return self._cache
 
-    def apply_(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> None:
-        """Rotate q [T, Hq*dim] and k [T, Hk*dim] in place by ``positions`` [T]."""
-        cache = self.cos_sin(int(positions.max()) + 1)
+    def apply_(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, *,
+               max_position: int | None = None) -> None:
+        """Rotate q [T, Hq*dim] and k [T, Hk*dim] in place by ``positions`` [T].
+
+        ``max_position``: a bound on ``positions`` the caller knows; without it the largest position is read back
+        from the device, a synchronisation (and not allowed inside a CUDA graph capture).
+        """
+        largest = int(positions.max()) if max_position is None else max_position
+        cache = self.cos_sin(largest + 1)
         if self.fused:
             torch.ops._C.rotary_embedding(positions, q, k, self.head_dim, cache, True)
             return

@@ -13,6 +13,15 @@ prefix length, and then commits only the first ``keep`` suffix tokens of each ro
 copied). So: append = commit everything, evaluate-without-keeping = commit nothing, truncate = lower the length.
 When the batch is a run of consecutive slots the K/V are read as a view, without a copy.
 
+Small batches (up to ``max_graph_batch`` rows, suffixes up to ``max_graph_length`` tokens) take a static-shape path
+instead, replayed from a CUDA graph on a GPU (:mod:`dispider_vllm.cuda_graphs`): the batch is padded to a bucket
+(1, 2, 4, ... rows; suffix lengths rounded up to a multiple of 32), every row attends over the pool's whole
+capacity (the mask, built inside the graph from the rows' prefix lengths, hides what a row must not see), and K/V
+are always gathered by slot index, since a view's address would be baked into the graph. Padded rows have prefix
+length 0 and write into the pool's scratch slot (:meth:`KVPool.scratch_slot`, never given to a stream); the real
+rows write their padded suffix past their prefix, as the eager path does, and commit only ``keep`` tokens. When the
+pool grows (new tensors), the graphs are dropped and captured again. On a CPU the same padded path runs eagerly.
+
 GQA in the cached path folds the query heads of a KV head into the query length, so K/V are never repeated;
 the mask is additive, built once per forward. On a GPU the masked path runs the memory-efficient SDPA kernel
 (cuDNN's re-planning per shape cost more host time than the step's GPU time), the causal path flash attention.
@@ -27,6 +36,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -34,22 +44,30 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import Qwen2Model
 
 from .. import kernels
+from ..cuda_graphs import GraphCache, StaticShapes, copy_from_host, cuda_graphs_enabled
 
 AttendFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+SCRATCH_SLOT = 0  # see KVPool.scratch_slot
+
+
 class KVPool:
-    """Per-stream KV caches of the compact LLM, stored as slots of one pool (see the module docstring)."""
+    """Per-stream KV caches of the compact LLM, stored as slots of one pool (see the module docstring).
+
+    ``slots`` slots for streams, numbered from 1, plus the scratch slot 0 that no stream is given (where the padded
+    rows of a static-shape batch write), so that a pool sized for N streams holds N streams without growing.
+    """
 
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, *, dtype: torch.dtype,
                  device: torch.device, slots: int = 4, capacity: int = 1024, growth_multiple: int = 256):
         self.growth_multiple = growth_multiple
-        shape = (num_layers, slots, num_kv_heads, capacity, head_dim)
+        shape = (num_layers, 1 + slots, num_kv_heads, capacity, head_dim)
         # Zeros, not empty: masked-out scratch is still multiplied by a zero weight, and 0 * NaN would leak.
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
-        self.lengths = [0] * slots
-        self.free = list(range(slots - 1, -1, -1))
+        self.lengths = [0] * (1 + slots)
+        self.free = list(range(slots, SCRATCH_SLOT, -1))
 
     @property
     def capacity(self) -> int:
@@ -57,7 +75,8 @@ class KVPool:
 
     @property
     def num_slots(self) -> int:
-        return int(self.k.shape[1])
+        """Slots for streams (the scratch slot aside)."""
+        return int(self.k.shape[1]) - 1
 
     @property
     def bytes_per_token(self) -> int:
@@ -75,6 +94,11 @@ class KVPool:
         slot = self.free.pop()
         self.lengths[slot] = 0
         return slot
+
+    def scratch_slot(self) -> int:
+        """The slot no stream is ever given: the padded rows of a static-shape batch write their K/V there, so they
+        touch no stream's cache. Its content is whatever they wrote; nothing real reads it."""
+        return SCRATCH_SLOT
 
     def release(self, slot: int) -> None:
         self.lengths[slot] = 0
@@ -95,15 +119,17 @@ class KVPool:
             self._grow(capacity=-(-grown // self.growth_multiple) * self.growth_multiple)
 
     def _grow(self, *, slots: int | None = None, capacity: int | None = None) -> None:
-        layers, old_slots, heads, old_capacity, dim = self.k.shape
-        slots, capacity = slots or old_slots, capacity or old_capacity
+        """To ``slots`` stream slots and/or ``capacity`` positions; new tensors, so anything that kept the old
+        ones' addresses (a CUDA graph) must drop them."""
+        layers, old_rows, heads, old_capacity, dim = self.k.shape
+        rows, capacity = (1 + slots if slots else old_rows), capacity or old_capacity
         for name in ("k", "v"):
             old = getattr(self, name)
-            new = old.new_zeros((layers, slots, heads, capacity, dim))
-            new[:, :old_slots, :, :old_capacity] = old
+            new = old.new_zeros((layers, rows, heads, capacity, dim))
+            new[:, :old_rows, :, :old_capacity] = old
             setattr(self, name, new)
-        self.free = list(range(slots - 1, old_slots - 1, -1)) + self.free
-        self.lengths += [0] * (slots - old_slots)
+        self.free = list(range(rows - 1, old_rows - 1, -1)) + self.free
+        self.lengths += [0] * (rows - old_rows)
 
     def write(self, layer: int, slot_index: torch.Tensor, positions: torch.Tensor, k: torch.Tensor,
               v: torch.Tensor) -> None:
@@ -119,13 +145,31 @@ class KVPool:
         if list(slots) == list(range(first, first + len(slots))):
             end = first + len(slots)
             return self.k[layer, first:end, :, :tokens], self.v[layer, first:end, :, :tokens]
+        return self.gather(layer, slot_index, tokens)
+
+    def gather(self, layer: int, slot_index: torch.Tensor, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """K, V [B, kv_heads, tokens, head_dim] of the slots in ``slot_index``, always a copy (graph-safe)."""
         return self.k[layer][slot_index, :, :tokens], self.v[layer][slot_index, :, :tokens]
 
 
-class CompactLM:
-    """Embedding-in, post-norm-hidden-out forward of a transformers ``Qwen2Model``'s weights."""
+@dataclass(frozen=True)
+class DecisionBucket:
+    """The static shape (and graph key) of a padded cached forward: rows and suffix tokens."""
 
-    def __init__(self, language_model: Qwen2Model, *, fused: bool = True):
+    batch: int
+    length: int
+
+
+class CompactLM:
+    """Embedding-in, post-norm-hidden-out forward of a transformers ``Qwen2Model``'s weights.
+
+    ``cuda_graphs``: cached forwards of at most ``max_graph_batch`` rows and ``max_graph_length`` suffix tokens take
+    the static-shape path (CUDA graphs on a GPU, the same padded code eagerly elsewhere); off with False or
+    ``DISPIDER_CUDA_GRAPHS=0``.
+    """
+
+    def __init__(self, language_model: Qwen2Model, *, fused: bool = True, cuda_graphs: bool = True,
+                 max_graph_batch: int = 16, max_graph_length: int = 256):
         config = language_model.config
         rope = getattr(config, "rope_parameters", None) or {"rope_type": "default",
                                                              "rope_theta": getattr(config, "rope_theta", 1e4)}
@@ -151,6 +195,10 @@ class CompactLM:
                      layer.self_attn.k_proj, layer.self_attn.v_proj]) for layer in language_model.layers]
         self._gate_up = [kernels.merged_linear(layer.mlp, "_dispider_gate_up", [layer.mlp.gate_proj,
                          layer.mlp.up_proj]) for layer in language_model.layers]
+        self.cuda_graphs = cuda_graphs_enabled(cuda_graphs) and max_graph_batch > 0
+        self.graph_shapes = StaticShapes(max_batch=max_graph_batch if self.cuda_graphs else 0,
+                                         length_multiple=32, max_length=max_graph_length)
+        self.graphs = GraphCache(self.device, enabled=self.cuda_graphs)
 
     # ---- inputs -------------------------------------------------------------------------------------------
     def embed(self, ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
@@ -184,6 +232,14 @@ class CompactLM:
         is needed (this is the flash-attention path on a GPU). Hidden states at padded positions are garbage.
         """
         embeds, _ = self._pad(sequences)
+        return self.forward_padded(embeds)
+
+    def forward_padded(self, embeds: torch.Tensor) -> torch.Tensor:
+        """:meth:`forward` of rows already right-padded into one tensor [B, L, H] (model dtype and device).
+
+        ``embeds`` is consumed: the fused residual add works in place on it. No host synchronisation, so a CUDA
+        graph can capture it.
+        """
         batch, length, _ = embeds.shape
         positions = torch.arange(length, device=self.device).expand(batch, length)
 
@@ -192,7 +248,7 @@ class CompactLM:
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scaling)
 
         with self._backends(causal=True):
-            return self._run_layers(embeds, positions, attend)
+            return self._run_layers(embeds, positions, attend, max_position=length - 1)
 
     @torch.inference_mode()
     def forward_cached(self, pool: KVPool, slots: Sequence[int], suffixes: Sequence[torch.Tensor],
@@ -200,38 +256,111 @@ class CompactLM:
         """Run each slot's suffix [L_b, H] after its cached prefix -> hidden [B, max L, H] of the suffixes.
 
         Then commit the K/V of the first ``keep[b]`` suffix tokens of row b to its slot; the rest is forgotten.
+        Small batches take the static-shape (graph) path; the result is the same (see the module docstring).
         """
+        lengths = self._check_cached_batch(pool, slots, suffixes, keep)
+        prefix_lengths = [pool.length(s) for s in slots]
+        bucket = self.decision_bucket(len(slots), max(lengths), max(prefix_lengths))
+        if bucket is None:
+            hidden = self._forward_cached_eager(pool, slots, suffixes, prefix_lengths)
+        else:
+            hidden = self._forward_cached_static(pool, slots, suffixes, prefix_lengths, bucket)
+        for slot, kept in zip(slots, keep):
+            pool.lengths[slot] += int(kept)
+        return hidden
+
+    def decision_bucket(self, batch: int, length: int, longest_prefix: int) -> DecisionBucket | None:
+        """The static shape a cached forward of ``batch`` rows of at most ``length`` suffix tokens runs in, or None
+        when it runs eagerly (graphs off, too many rows, too long a suffix, or past the position limit)."""
+        rows, tokens = self.graph_shapes.batch(batch), self.graph_shapes.length(length)
+        if rows is None or tokens is None or longest_prefix + tokens > self.max_positions:
+            return None
+        return DecisionBucket(rows, tokens)
+
+    def _check_cached_batch(self, pool: KVPool, slots: Sequence[int], suffixes: Sequence[torch.Tensor],
+                            keep: Sequence[int]) -> list[int]:
         if len(set(slots)) != len(slots):
             raise ValueError("a slot may appear once per batch")
-        embeds, lengths = self._pad(suffixes)
-        batch, length, _ = embeds.shape
-        prefix_lengths = [pool.length(s) for s in slots]
+        lengths = [int(s.shape[0]) for s in suffixes]
+        if not lengths or min(lengths) == 0:
+            raise ValueError("every sequence needs at least one token")
         if any(k > n for k, n in zip(keep, lengths)):
             raise ValueError("cannot keep more tokens than a suffix has")
-        total = max(prefix_lengths) + length
+        total = max(pool.length(s) for s in slots) + max(lengths)
         if total > self.max_positions:
             raise ValueError(f"a decision sequence of {total} positions exceeds {self.max_positions}")
+        return lengths
+
+    def _forward_cached_eager(self, pool: KVPool, slots: Sequence[int], suffixes: Sequence[torch.Tensor],
+                              prefix_lengths: Sequence[int]) -> torch.Tensor:
+        embeds, _ = self._pad(suffixes)
+        length = embeds.shape[1]
+        total = max(prefix_lengths) + length
         pool.reserve(total)
-        prefix = self.to_device(prefix_lengths)
+        prefix = self.to_device(list(prefix_lengths))
         positions = prefix[:, None] + torch.arange(length, device=self.device)[None, :]
         slot_index = self.to_device(list(slots))
+        attend = self._cached_attention(pool, slot_index, positions, total,
+                                        read=lambda layer: pool.read(layer, slots, slot_index, total))
+        with self._backends(causal=False):
+            return self._run_layers(embeds, positions, attend, max_position=total - 1)
+
+    def _forward_cached_static(self, pool: KVPool, slots: Sequence[int], suffixes: Sequence[torch.Tensor],
+                               prefix_lengths: Sequence[int], bucket: DecisionBucket) -> torch.Tensor:
+        """The padded batch through the bucket's graph -> hidden [B, max L, H] of the real rows (a copy: the
+        graph's output is overwritten by its next replay)."""
+        pool.reserve(max(prefix_lengths) + bucket.length)  # may grow the pool: before binding the graphs to it
+        scratch = pool.scratch_slot()
+        self.graphs.bind(pool.k, pool.v, self.rope_table())
+        static = self.graphs.inputs(bucket, lambda: self._decision_inputs(bucket))
+        for row, suffix in enumerate(suffixes):
+            static["embeds"][row, : len(suffix)].copy_(suffix)
+        padding = bucket.batch - len(slots)
+        rows = torch.tensor([[*prefix_lengths, *[0] * padding], [*slots, *[scratch] * padding]], dtype=torch.long)
+        copy_from_host(static["rows"], rows)
+        hidden = self.graphs.run(bucket, lambda inputs: self._decision_pass(pool, inputs))
+        return hidden[: len(slots), : max(len(s) for s in suffixes)].clone()
+
+    def _decision_inputs(self, bucket: DecisionBucket) -> dict[str, torch.Tensor]:
+        """Static inputs of a padded cached forward: suffix embeddings, and per row its prefix length and slot."""
+        return {"embeds": torch.zeros(bucket.batch, bucket.length, self.hidden_size, dtype=self.dtype,
+                                      device=self.device),
+                "rows": torch.zeros(2, bucket.batch, dtype=torch.long, device=self.device)}
+
+    def _decision_pass(self, pool: KVPool, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The graph body: every row against the pool's whole capacity, K/V gathered by slot index."""
+        embeds, prefix, slot_index = inputs["embeds"], inputs["rows"][0], inputs["rows"][1]
+        length, capacity = embeds.shape[1], pool.capacity
+        positions = prefix[:, None] + torch.arange(length, device=self.device)[None, :]
+        attend = self._cached_attention(pool, slot_index, positions, capacity,
+                                        read=lambda layer: pool.gather(layer, slot_index, capacity))
+        with self._backends(causal=False):
+            # On a copy: the fused residual add works in place, and the static input must survive warm-up runs.
+            return self._run_layers(embeds.clone(), positions, attend,
+                                    max_position=min(capacity, self.max_positions) - 1)
+
+    def _cached_attention(self, pool: KVPool, slot_index: torch.Tensor, positions: torch.Tensor, keys: int,
+                          read: Callable[[int], tuple[torch.Tensor, torch.Tensor]]) -> AttendFn:
+        """Attention of each row's suffix over the first ``keys`` positions of its slot, after writing the suffix's
+        K/V there; ``read(layer)`` gives those K/V."""
+        batch, length = positions.shape
         # Key j is visible to the query at position p iff j <= p: the row's prefix plus its suffix so far.
-        visible = torch.arange(total, device=self.device)[None, None, :] <= positions[:, :, None]
+        visible = torch.arange(keys, device=self.device)[None, None, :] <= positions[:, :, None]
         groups = self.num_heads // self.num_kv_heads
         mask = self._additive_mask(visible, groups)
 
         def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             pool.write(layer, slot_index, positions, k, v)
-            keys, values = pool.read(layer, slots, slot_index, total)
+            keys_, values = read(layer)
             folded = q.reshape(batch, self.num_kv_heads, groups * length, self.head_dim)
-            out = F.scaled_dot_product_attention(folded, keys, values, attn_mask=mask, scale=self.scaling)
+            out = F.scaled_dot_product_attention(folded, keys_, values, attn_mask=mask, scale=self.scaling)
             return out.reshape(batch, self.num_heads, length, self.head_dim)
 
-        with self._backends(causal=False):
-            hidden = self._run_layers(embeds, positions, attend)
-        for slot, kept in zip(slots, keep):
-            pool.lengths[slot] += int(kept)
-        return hidden
+        return attend
+
+    def rope_table(self) -> torch.Tensor:
+        """The RoPE table sized for every position the model allows, so that it never regrows under a graph."""
+        return self.rotary.cos_sin(self.max_positions)
 
     # ---- internals ----------------------------------------------------------------------------------------
     def _backends(self, *, causal: bool):
@@ -265,7 +394,9 @@ class CompactLM:
             embeds[row, : lengths[row]] = sequence.to(device=self.device, dtype=self.dtype)
         return embeds, lengths
 
-    def _run_layers(self, embeds: torch.Tensor, positions: torch.Tensor, attend: AttendFn) -> torch.Tensor:
+    def _run_layers(self, embeds: torch.Tensor, positions: torch.Tensor, attend: AttendFn, *,
+                    max_position: int) -> torch.Tensor:
+        """The decoder layers; ``max_position`` bounds ``positions`` (known on the host: no read-back)."""
         batch, length, _ = embeds.shape
         flat_positions = positions.reshape(-1)
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
@@ -276,7 +407,8 @@ class CompactLM:
         for index, layer in enumerate(layers):
             qkv = F.linear(normed, *self._qkv[index])
             q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
-            self.rotary.apply_(flat_positions, q.view(batch * length, q_size), k.view(batch * length, kv_size))
+            self.rotary.apply_(flat_positions, q.view(batch * length, q_size), k.view(batch * length, kv_size),
+                               max_position=max_position)
             q = q.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
             k = k.view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
             v = v.view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)

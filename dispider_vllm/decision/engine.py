@@ -62,6 +62,10 @@ class DecisionConfig:
     # briefly doubling it): a sidecar that knows its stream count and window can size it from the start.
     initial_kv_slots: int = 4
     initial_kv_tokens: int = 1024
+    # Decision forwards of at most max_graph_batch streams run padded to a bucket, replayed from CUDA graphs on a
+    # GPU (compact_lm's module docstring); DISPIDER_CUDA_GRAPHS=0 turns them off too. Unused when an lm is passed.
+    cuda_graphs: bool = True
+    max_graph_batch: int = 16
 
     def __post_init__(self) -> None:
         if self.max_context_clips is not None:
@@ -73,6 +77,8 @@ class DecisionConfig:
                 raise ValueError("context_keep_clips must be in [1, max_context_clips]")
         if self.max_kept_clips < 1:
             raise ValueError("max_kept_clips must be at least 1")
+        if self.max_graph_batch < 0:
+            raise ValueError("max_graph_batch must be at least 0")
 
 
 @dataclass
@@ -104,7 +110,8 @@ class DecisionEngine:
         self.modules = modules
         self.config = config or DecisionConfig()
         self.force_respond = force_respond
-        self.lm = lm or CompactLM(modules.language_model)
+        self.lm = lm or CompactLM(modules.language_model, cuda_graphs=self.config.cuda_graphs,
+                                  max_graph_batch=self.config.max_graph_batch)
         self.pool: KVPool = self.lm.new_pool(slots=self.config.initial_kv_slots,
                                              capacity=self.config.initial_kv_tokens)
         with torch.inference_mode():
@@ -197,6 +204,27 @@ class DecisionEngine:
         context = stream.context
         if context.needs_rebuild(self.config.max_context_clips):
             self.pool.truncate(stream.slot, context.rebuild(self.config.context_keep_clips))
+
+    @torch.inference_mode()
+    def capture_graphs(self, *, without_graphs: bool = False) -> int:
+        """Capture the decision forward's graph of every bucket now (rows x suffix length), on slots borrowed from
+        the pool and given back, committing nothing; returns the graphs alive. A pool that grows later (more
+        streams than ``initial_kv_slots``, or longer prefixes) drops them, and they are captured again on use.
+        ``without_graphs``: run the passes even where nothing is captured (the CPU tests of this warm-up)."""
+        lm = self.lm
+        if not (lm.graphs.graphed or without_graphs):
+            return 0
+        rows = lm.graph_shapes.batch_buckets()
+        slots = [self.pool.allocate() for _ in range(max(rows))]  # all first: a growth now would drop captures
+        try:
+            for length in lm.graph_shapes.length_buckets():
+                suffix = torch.zeros(length, lm.hidden_size, dtype=lm.dtype, device=lm.device)
+                for count in rows:
+                    lm.forward_cached(self.pool, slots[:count], [suffix] * count, [0] * count)
+        finally:
+            for slot in slots:
+                self.pool.release(slot)
+        return len(lm.graphs)
 
     # ---- triggers -----------------------------------------------------------------------------------------
     def _trigger(self, decided: list[_Decided]) -> list[Trigger]:

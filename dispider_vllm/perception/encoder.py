@@ -8,6 +8,13 @@ Per clip:
      1024 (1 token); the MLP over all 1089 tokens.
   4. First pass of the compact LLM over ``This contains a clip sampled in {s} to {e} seconds<image>`` with the 1089
      projected tokens at ``<image>``: plain causal, positions from 0. M = the 64 pooled positions, T = the global one.
+
+A chunk of at most ``max_graph_clips`` clips (a sidecar step under live load: one to a few) runs all four as one
+static-shape pass instead, replayed from a CUDA graph on a GPU (:mod:`dispider_vllm.cuda_graphs`): the clips are
+padded to 1, 2, 4, ... clips, the sequences right-padded to a multiple of 32 tokens. The time prompt's length varies
+by a few tokens between clips, so the text goes in as token ids and the image's start as an index: the graph looks
+the text up, puts the projected tokens at each clip's start, and gathers M and T from there. Larger chunks stay
+eager (their launch overhead is spread over many clips), pipelined as below.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import torch.nn.functional as F
 from torch.profiler import record_function
 
 from .. import kernels
+from ..cuda_graphs import GraphCache, StaticShapes, copy_from_host, cuda_graphs_enabled
 from ..decision.compact_lm import CompactLM
 from ..types import Clip, ClipFeatures
 from .modules import PerceptionDecisionModules
@@ -55,6 +63,15 @@ def pool_tokens(merged: torch.Tensor, pool_num: int) -> torch.Tensor:
     pooled = grid.mean(dim=(3, 5)).reshape(clips, frames * cells * cells, dim)
     global_mean = merged.float().reshape(clips, frames * count, dim).mean(dim=1, keepdim=True)
     return torch.cat([pooled, global_mean], dim=1).to(merged.dtype)
+
+
+@dataclass(frozen=True)
+class PerceptionBucket:
+    """The static shape (and graph key) of a padded perception pass: clips, sequence tokens, one clip's pixels."""
+
+    clips: int
+    length: int
+    clip_shape: tuple[int, ...]  # [frames, 3, H, W]
 
 
 @dataclass
@@ -104,12 +121,20 @@ class PerceptionEncoder:
     On a GPU the clips go in chunks of ``max_clips_per_pass``, pipelined: while the GPU runs one chunk, the host
     stages the next chunk's pixels and copies the previous chunk's raw into each clip's own tensor (about 1 GB of
     host memory traffic per 64 clips, which would otherwise leave the GPU idle).
+
+    ``cuda_graphs``: chunks of at most ``max_graph_clips`` clips take the static-shape path (CUDA graphs on a GPU,
+    the same padded code eagerly elsewhere); off with False or ``DISPIDER_CUDA_GRAPHS=0``.
     """
 
     def __init__(self, modules: PerceptionDecisionModules, *, max_frames_per_batch: int = 256,
-                 max_clips_per_pass: int = 16, raw_device: str | torch.device = "cpu", lm: CompactLM | None = None):
+                 max_clips_per_pass: int = 16, raw_device: str | torch.device = "cpu", lm: CompactLM | None = None,
+                 cuda_graphs: bool = True, max_graph_clips: int = 8):
         self.modules = modules
         self.lm = lm or CompactLM(modules.language_model)
+        self.cuda_graphs = cuda_graphs_enabled(cuda_graphs) and max_graph_clips > 0
+        self.graph_shapes = StaticShapes(max_batch=max_graph_clips if self.cuda_graphs else 0, length_multiple=32,
+                                         max_length=4096)
+        self.graphs = GraphCache(modules.device, enabled=self.cuda_graphs)
         self.max_frames_per_batch = max_frames_per_batch
         self.max_clips_per_pass = max_clips_per_pass
         self.raw_device = torch.device(raw_device)
@@ -138,16 +163,117 @@ class PerceptionEncoder:
         return features
 
     def _launch_chunk(self, clips: Sequence[Clip]) -> _LaunchedChunk:
+        pieces = [self._split_prompt(time_prompt(clip)) for clip in clips]
+        bucket = self.perception_bucket(clips, pieces)
+        if bucket is not None:
+            return self._launch_static(clips, pieces, bucket)
         # Named ranges show up in torch.profiler traces (benchmarks/sidecar_bench.py --profile); free otherwise.
         with record_function("perception.clip_tower"):
             raw = self.raw_tokens(self._pixels_on_device(clips))
         with record_function("perception.project"):
             projected = self.project(raw)
         with record_function("perception.first_pass"):
-            memory, indicator = self.first_pass([time_prompt(clip) for clip in clips], projected)
+            memory, indicator = self._first_pass(pieces, projected)
         with record_function("perception.raw_to_host"):
             raw, copied = self._start_raw_copy(raw)
         return _LaunchedChunk(clips, raw, memory, indicator, copied)
+
+    # ---- the static-shape (graph) path ----------------------------------------------------------------------
+    def capture_graphs(self, clip_shape: tuple[int, ...], clip_starts: Sequence[float] = (0.0, 99_984.0)) -> int:
+        """Capture the graph of every clip-count bucket now, for the time prompts of clips starting at
+        ``clip_starts`` seconds (their digits set the prompt's length bucket); returns the graphs alive.
+
+        Otherwise each bucket is captured by the first step that needs it, which stalls the sidecar's loop for a
+        few tenths of a second while live streams wait (the tail of the decision latency under load)."""
+        if not self.graphs.graphed:
+            return 0
+        pixels = torch.zeros(clip_shape, dtype=torch.float32)
+        seconds = clip_shape[0]
+        for start in clip_starts:
+            for count in self.graph_shapes.batch_buckets():
+                self.encode([Clip(i, start, start + seconds, pixels) for i in range(count)])
+        return len(self.graphs)
+
+    def perception_bucket(self, clips: Sequence[Clip],
+                          pieces: Sequence[tuple[list[int], list[int]]]) -> PerceptionBucket | None:
+        """The static shape these clips (with their split time prompts) run in, or None when they run eagerly."""
+        image_tokens = self._image_tokens(clips[0].pixels.shape[0])
+        rows = self.graph_shapes.batch(len(clips))
+        length = self.graph_shapes.length(max(len(before) + len(after) for before, after in pieces) + image_tokens)
+        if rows is None or length is None or any(c.pixels.shape != clips[0].pixels.shape for c in clips):
+            return None
+        return PerceptionBucket(rows, length, tuple(clips[0].pixels.shape))
+
+    def _launch_static(self, clips: Sequence[Clip], pieces: Sequence[tuple[list[int], list[int]]],
+                       bucket: PerceptionBucket) -> _LaunchedChunk:
+        self.graphs.bind(self.lm.rope_table())
+        static = self.graphs.inputs(bucket, lambda: self._perception_inputs(bucket))
+        with record_function("perception.stage_inputs"):
+            self._stage_pixels(clips, static["pixels"])
+            copy_from_host(static["text"], self._text_rows(pieces, bucket))
+        with record_function("perception.graph"):
+            raw, memory, indicator = self.graphs.run(bucket, self._perception_pass)
+        count = len(clips)
+        # The graph's outputs are overwritten by its next replay (the next chunk's, maybe before this one is
+        # finished): take copies now; a copy to the host queued now is safe as it is.
+        memory, indicator = memory[:count].clone(), indicator[:count].clone()
+        with record_function("perception.raw_to_host"):
+            raw, copied = self._start_raw_copy(raw[:count])
+        if copied is None and self.graphs.graphed:
+            raw = raw.clone()
+        return _LaunchedChunk(clips, raw, memory, indicator, copied)
+
+    def _perception_inputs(self, bucket: PerceptionBucket) -> dict[str, torch.Tensor]:
+        """Static inputs: the clips' pixels, and per clip its image's start then its token ids (see _text_rows)."""
+        device = self.modules.device
+        return {"pixels": torch.zeros(bucket.clips, *bucket.clip_shape, dtype=torch.float32, device=device),
+                "text": torch.zeros(bucket.clips, 1 + bucket.length, dtype=torch.long, device=device)}
+
+    def _text_rows(self, pieces: Sequence[tuple[list[int], list[int]]], bucket: PerceptionBucket) -> torch.Tensor:
+        """[clips, 1 + length] on the host: the image's start, then the prompt's ids with placeholder ids (0) where
+        the image and the padding go. Padded clips are all zeros: start 0, a valid id everywhere."""
+        rows = torch.zeros(bucket.clips, 1 + bucket.length, dtype=torch.long)
+        image_tokens = self._image_tokens(bucket.clip_shape[0])
+        for row, (before, after) in enumerate(pieces):
+            rows[row, 0] = len(before)
+            rows[row, 1 : 1 + len(before)] = torch.tensor(before, dtype=torch.long)
+            tail = 1 + len(before) + image_tokens
+            rows[row, tail : tail + len(after)] = torch.tensor(after, dtype=torch.long)
+        return rows
+
+    def _stage_pixels(self, clips: Sequence[Clip], static: torch.Tensor) -> None:
+        """The clips' pixels into the first rows of the static pixel buffer; to a GPU via the pinned staging pair."""
+        target = static[: len(clips)]
+        if static.device.type != "cuda":
+            torch.stack([clip.pixels for clip in clips], out=target)
+            return
+        staging, index = self._pixel_staging.take(tuple(target.shape), torch.float32)
+        torch.stack([clip.pixels for clip in clips], out=staging)
+        target.copy_(staging, non_blocking=True)
+        self._pixel_staging.copy_recorded(index)
+
+    def _perception_pass(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The graph body: pixels and text rows -> raw [N, 1024, 4C], M [N, 64, H], T [N, H] of every padded clip."""
+        raw = self.raw_tokens(inputs["pixels"])
+        projected = self.project(raw)
+        starts, ids = inputs["text"][:, 0], inputs["text"][:, 1:]
+        embeds = self.lm.model.embed_tokens(ids)
+        hidden_size = embeds.shape[-1]
+        image = starts[:, None] + torch.arange(projected.shape[1], device=starts.device)[None, :]
+        embeds.scatter_(1, image[..., None].expand(-1, -1, hidden_size), projected.to(embeds.dtype))
+        hidden = self.lm.forward_padded(embeds)
+        raw_count, pooled = self._raw_and_pooled_counts(projected.shape[1])
+        memory_at = starts[:, None] + raw_count + torch.arange(pooled + 1, device=starts.device)[None, :]
+        states = hidden.gather(1, memory_at[..., None].expand(-1, -1, hidden_size))
+        return raw, states[:, :pooled], states[:, pooled]
+
+    def _image_tokens(self, frames: int) -> int:
+        """Projected tokens a clip of ``frames`` frames puts at ``<image>``: raw, pooled, one global."""
+        return frames * (self.modules.resolution + self.modules.pool_num) + 1
+
+    def _raw_and_pooled_counts(self, image_tokens: int) -> tuple[int, int]:
+        frames = (image_tokens - 1) // (self.modules.resolution + self.modules.pool_num)
+        return frames * self.modules.resolution, frames * self.modules.pool_num
 
     def _finish_chunk(self, chunk: _LaunchedChunk) -> list[ClipFeatures]:
         with record_function("perception.keep_clips"):
@@ -221,9 +347,11 @@ class PerceptionEncoder:
 
     def first_pass(self, prompts: Sequence[str], projected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One padded batch of time-prompt sequences -> M [N, 64, H] and T [N, H]."""
-        frames = (projected.shape[1] - 1) // (self.modules.resolution + self.modules.pool_num)
-        raw_count, pooled = frames * self.modules.resolution, frames * self.modules.pool_num
-        pieces = [self._split_prompt(prompt) for prompt in prompts]
+        return self._first_pass([self._split_prompt(prompt) for prompt in prompts], projected)
+
+    def _first_pass(self, pieces: Sequence[tuple[list[int], list[int]]],
+                    projected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raw_count, pooled = self._raw_and_pooled_counts(projected.shape[1])
         texts = iter(self.lm.embed_many([ids for piece in pieces for ids in piece]))  # one lookup for the chunk
         sequences, image_starts = [], []
         for (before, _), tokens in zip(pieces, projected):
