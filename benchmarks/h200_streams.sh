@@ -22,7 +22,8 @@ case "${1:-}" in
     [ -d "$WORK/split" ] || python3 -m dispider_vllm.checkpoint.dummy "$WORK/split" --shapes real
     # shellcheck disable=SC2086
     setsid nohup python3 -m serve --checkpoint "$WORK/split" --port "$PORT" ${RESPOND:---respond-probability 0.125} \
-      --max-sessions 2048 --gpu-memory-utilization 0.55 --max-batch-clips 64 --default-max-tokens 64 "$@" \
+      --max-sessions 2048 --gpu-memory-utilization 0.55 --max-batch-clips 64 --default-max-tokens 64 \
+      --sidecar-kv-slots 512 "$@" \
       > "$WORK/server.log" 2>&1 < /dev/null &
     for _ in $(seq 600); do
       sleep 1

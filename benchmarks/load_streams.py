@@ -1061,13 +1061,15 @@ async def run_counts(url: str, counts: list[int], frames: list[EncodedFrame], co
     return runs
 
 
-def check_reachable(url: str) -> None:
+def check_reachable(url: str) -> dict:
+    """The server's /health body (placement, the sidecar's features), or a StreamClientError."""
     try:
         health = httpx.get(url + "/health", timeout=10)
     except httpx.HTTPError as error:
         raise StreamClientError(f"cannot reach the server at {url}: {error}") from None
     if health.status_code != 200:
         raise StreamClientError(f"the server at {url} is not healthy: {health.status_code} {health.text[:200]}")
+    return health.json()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -1092,7 +1094,7 @@ def main(argv: list[str] | None = None) -> None:
             server.start()
             print(f"server ready in {server.wait_healthy(args.server_start_timeout):.0f} s at {server.url}", flush=True)
         url = server.url if server else args.url.rstrip("/")
-        check_reachable(url)
+        health = check_reachable(url)
         runs = asyncio.run(run_counts(url, counts, frames, config, stop_at_failure=bool(args.sweep) and not args.sweep_all,
                                       warmup=args.warmup, client_procs=args.client_procs))
     except (StreamClientError, ServerStartError) as error:
@@ -1112,7 +1114,7 @@ def main(argv: list[str] | None = None) -> None:
                    "client_procs": args.client_procs,
                    "client_procs_by_streams": {str(n): resolve_client_procs(args.client_procs, n) for n in counts}},
         "server": {"url": url, "started_by_benchmark": server is not None,
-                   "args": server.command[3:] if server else None},
+                   "args": server.command[3:] if server else None, "health": health},
         "environment": environment(),
         "runs": runs,
     }

@@ -101,6 +101,8 @@ def make_backends(config: ServerConfig, parts: ModelParts) -> Backends:
         respond_probability=config.respond_probability,
         threads=placement.sidecar_threads,
         preprocess_workers=config.preprocess_workers,
+        kv_slots=config.sidecar_kv_slots,
+        cuda_graphs=config.cuda_graphs,
     ))
     engine = ReactionEngine(ReactionEngineConfig(
         model_dir=str(parts.reaction_dir),
@@ -208,8 +210,10 @@ async def health(request: Request) -> Response:
     backends: Backends = request.app.state.backends
     sidecar, engine = backends.sidecar.is_alive(), backends.engine.is_alive()
     status = "ok" if sidecar and engine else "unhealthy"
+    ready = backends.sidecar.ready_info
     body = {"status": status, "sidecar": sidecar, "engine": engine,
-            "placement": {**backends.placement.describe(), "server_pid": os.getpid(), "sidecar_pid": backends.sidecar.pid}}
+            "placement": {**backends.placement.describe(), "server_pid": os.getpid(), "sidecar_pid": backends.sidecar.pid},
+            "sidecar_features": ready.features if ready else None}
     return JSONResponse(body, status_code=200 if status == "ok" else 503)
 
 

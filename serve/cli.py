@@ -86,9 +86,16 @@ def build_parser() -> argparse.ArgumentParser:
     sidecar.add_argument("--sidecar-threads", type=int, metavar="N",
                          help="torch CPU threads in the sidecar (default: 4 on a GPU host, all cores on the CPU)")
     sidecar.add_argument("--preprocess-workers", type=int, default=defaults.preprocess_workers, metavar="N",
-                         help="threads resizing each sampled frame as it arrives (and stacking a closed clip's) in the "
+                         help="threads preprocessing each sampled frame as it arrives (and stacking a closed clip's) in the "
                               "sidecar, beside the GPU's work "
                               f"(default {defaults.preprocess_workers}; 0: on the sidecar's loop)")
+    sidecar.add_argument("--sidecar-kv-slots", type=int, default=defaults.sidecar_kv_slots, metavar="N",
+                         help="streams whose decision KV caches the sidecar allocates at start (default "
+                              f"{defaults.sidecar_kv_slots}; about 29 MB each at real shapes; past them the pool doubles, "
+                              "which also recaptures its CUDA graphs: set it to the streams you expect)")
+    sidecar.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
+                         help="run the sidecar's small steps eagerly instead of replaying CUDA graphs (GPU only; "
+                              "DISPIDER_CUDA_GRAPHS=0 does the same)")
     sidecar.add_argument("--max-batch-clips", type=int, default=defaults.max_batch_clips, metavar="N",
                          help=f"clips of all streams perceived in one batch (default {defaults.max_batch_clips})")
     forced = sidecar.add_mutually_exclusive_group()
@@ -149,7 +156,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         enforce_eager=args.enforce_eager, cpu_kv_cache_gib=args.cpu_kv_cache_gib,
         disable_custom_all_reduce=args.disable_custom_all_reduce,
         sidecar_device=args.sidecar_device, sidecar_threads=args.sidecar_threads,
-        preprocess_workers=args.preprocess_workers,
+        preprocess_workers=args.preprocess_workers, sidecar_kv_slots=args.sidecar_kv_slots,
+        cuda_graphs=args.cuda_graphs,
         max_batch_clips=args.max_batch_clips, respond_every=args.respond_every,
         respond_probability=args.respond_probability,
         default_max_tokens=args.default_max_tokens, max_upload_mb=args.max_upload_mb,
@@ -166,7 +174,7 @@ def _check(parser: argparse.ArgumentParser, config: ServerConfig) -> str:
     positive = {"--max-upload-mb": config.max_upload_mb, "--max-sessions": config.max_sessions,
                 "--default-max-tokens": config.default_max_tokens, "--event-buffer": config.event_buffer,
                 "--respond-every": config.respond_every or 1, "--max-model-len": config.max_model_len,
-                "--capacity-streams": config.capacity_streams or 1}
+                "--capacity-streams": config.capacity_streams or 1, "--sidecar-kv-slots": config.sidecar_kv_slots}
     for flag, value in positive.items():
         if value < 1:
             parser.error(f"{flag} must be >= 1")

@@ -33,7 +33,9 @@ class ServerConfig:
     # sidecar (perception + decision)
     sidecar_device: str = "auto"
     sidecar_threads: int | None = None
-    preprocess_workers: int = 4  # threads preprocessing closed clips in the sidecar (0: on its loop)
+    preprocess_workers: int = 4  # threads preprocessing frames as they arrive in the sidecar (0: on its loop)
+    sidecar_kv_slots: int = 16  # streams whose decision KV caches the sidecar allocates up front
+    cuda_graphs: bool = True  # the sidecar's small steps from CUDA graphs (GPU only)
     max_batch_clips: int = 32
     respond_every: int | None = None
     respond_probability: float | None = None  # or answer each clip with this probability

@@ -94,9 +94,14 @@ def test_engine_and_sidecar_options_reach_the_processes_that_use_them(default_ch
     assert not default.engine.engine_args().disable_custom_all_reduce
     assert default.sidecar.config.preprocess_workers == 4
     assert backends("--preprocess-workers", "2").sidecar.config.preprocess_workers == 2
+    assert default.sidecar.config.kv_slots == 16 and default.sidecar.config.cuda_graphs
+    tuned = backends("--sidecar-kv-slots", "512", "--no-cuda-graphs").sidecar.config
+    assert tuned.kv_slots == 512 and not tuned.cuda_graphs
 
 
-def test_a_negative_preprocess_worker_count_is_a_usage_error(default_checkpoint):
+@pytest.mark.parametrize(("flags", "message"), [(["--preprocess-workers", "-1"], "--preprocess-workers must be >= 0"),
+                                               (["--sidecar-kv-slots", "0"], "--sidecar-kv-slots must be >= 1")])
+def test_bad_sidecar_sizes_are_usage_errors(default_checkpoint, flags, message):
     result = subprocess.run([sys.executable, "-m", "serve", "--checkpoint", str(default_checkpoint.checkpoint_dir),
-                             "--preprocess-workers", "-1"], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 2 and "--preprocess-workers must be >= 0" in result.stderr
+                             *flags], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and message in result.stderr

@@ -143,7 +143,11 @@ def test_models_health_and_openapi(client, http, dispider_server):
     assert [m.id for m in client.models.list().data] == [dispider_server.model]
     health = http.get("/health").json()
     placement = health.pop("placement")
+    features = health.pop("sidecar_features")
     assert health == {"status": "ok", "sidecar": True, "engine": True}
+    # What the sidecar runs with: on the CPU nothing is captured as a CUDA graph.
+    assert features["device"] == "cpu" and features["cuda_graphs"] == {"perception": False, "decision": False}
+    assert features["preprocess_workers"] == 4 and features["kv_slots"] == 16
     # Process placement: the sidecar is a process of its own, the server's child, on the device it says.
     assert placement["platform"] == "cpu" and placement["sidecar_device"] == "cpu"
     assert placement["reaction_devices"] == ["cpu"] and placement["tensor_parallel_size"] == 1

@@ -321,16 +321,16 @@ def test_preprocessing_runs_on_the_pool_and_keeps_each_streams_clip_order(module
     assert not [e for e in pooled if isinstance(e, StreamError)]
 
 
-def test_frames_are_resized_as_they_arrive_and_a_closing_clip_only_normalises(modules, part_dir, frames,
+def test_frames_are_preprocessed_as_they_arrive_and_a_closing_clip_only_stacks(modules, part_dir, frames,
                                                                                monkeypatch):
-    """Each sampled frame's resize starts on the pool when it is pushed, before its clip closes; the clip made from
-    those prepared frames is the same, bit for bit, as one preprocessed in one go."""
+    """Each sampled frame's preprocessing starts on the pool when it is pushed, before its clip closes; the clip made
+    from those prepared frames is the same, bit for bit, as one preprocessed in one go."""
     import dispider_vllm.sidecar.engine as engine_module
     from dispider_vllm.perception.clips import ClipWindow, PreparedFrame
 
     resized_at: list[float] = []
-    real_resize = engine_module.resize_frame
-    monkeypatch.setattr(engine_module, "resize_frame",
+    real_resize = engine_module.prepare_frame_pixels
+    monkeypatch.setattr(engine_module, "prepare_frame_pixels",
                         lambda frame, config: (resized_at.append(frame.timestamp), real_resize(frame, config))[1])
     engine = new_engine(modules, part_dir, preprocess_workers=2)
     engine.handle(OpenStream("a", "q?"))

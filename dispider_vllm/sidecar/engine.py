@@ -6,9 +6,9 @@ least as many clips per batch as tenants, every tenant with a closed clip has on
 many streams the others run), runs them through the CLIP tower and the
 compact model's first pass as one batch, then decides every stream's new clips in one batched decision pass.
 Frames are sampled and assembled into clips as they arrive (``handle``), so a step only sees whole clips. Each
-sampled frame's resize and crop starts on a small thread pool as soon as it arrives (``preprocess_workers``; the
-sidecar process runs one), so when a clip closes only stacking and normalising its 16 frames is left (also on the
-pool): the CPU work is spread over the clip's 16 seconds instead of sitting between its last frame and its step.
+sampled frame's preprocessing starts on a small thread pool as soon as it arrives (``preprocess_workers``; the
+sidecar process runs one), so when a clip closes only stacking its 16 frames is left (also on the pool): the CPU
+work is spread over the clip's 16 seconds instead of sitting between its last frame and its step.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from concurrent.futures import ALL_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
 from dispider_vllm.decision.engine import DecisionConfig, DecisionEngine
-from dispider_vllm.perception.clips import ClipAssembler, ClipWindow, PreparedFrame, make_clip, resize_frame
+from dispider_vllm.perception.clips import ClipAssembler, ClipWindow, PreparedFrame, make_clip, prepare_frame_pixels
 from dispider_vllm.perception.encoder import PerceptionEncoder
 from dispider_vllm.perception.frames import FrameError, FrameSampler, PreprocessorConfig, VideoError, decode_video
 from dispider_vllm.perception.modules import PerceptionDecisionModules
@@ -43,7 +43,7 @@ from dispider_vllm.sidecar.protocol import (
     StreamOptions,
     Triggered,
 )
-from dispider_vllm.types import Clip, DecisionEvent, Frame, Trigger
+from dispider_vllm.types import FRAMES_PER_CLIP, Clip, DecisionEvent, Frame, Trigger
 
 log = logging.getLogger("dispider.sidecar")
 
@@ -162,13 +162,15 @@ class SidecarEngine:
         respond_policy: Callable[[str, int], bool | None] | None = None,
         preprocess_workers: int = 0,
         preprocess_wait_s: float = 0.1,
+        cuda_graphs: bool = True,
     ) -> None:
         """``preprocess_workers``: threads preprocessing closed clips' pixels; 0 (the default): inline, in
         ``handle``, so which clips a step finds ready does not depend on timing (the sidecar process uses a pool).
-        ``preprocess_wait_s``: how long a step waits at most for clips still being preprocessed (see ``step``)."""
+        ``preprocess_wait_s``: how long a step waits at most for clips still being preprocessed (see ``step``).
+        ``cuda_graphs``: perception of a few clips from CUDA graphs on a GPU (the decision's: ``decision_config``)."""
         self.modules = modules
         self.preprocessor = preprocessor or PreprocessorConfig()
-        self.encoder = PerceptionEncoder(modules)
+        self.encoder = PerceptionEncoder(modules, cuda_graphs=cuda_graphs)
         self.decision = DecisionEngine(modules, decision_config or DecisionConfig(), force_respond=respond_policy)
         self.max_batch_clips = max_batch_clips
         self.streams: OrderedDict[str, StreamState] = OrderedDict()
@@ -178,6 +180,7 @@ class SidecarEngine:
         self.clips_total = 0
         self.batches_total = 0
         self.step_stats = StepStats()
+        self.graphs_captured: dict | None = None  # set by capture_graphs
         self.preprocess_workers = preprocess_workers
         self.preprocess_wait_s = preprocess_wait_s
         # torch's resize and PIL release the GIL, so a few threads preprocess clips in parallel, beside the GPU.
@@ -185,6 +188,22 @@ class SidecarEngine:
             ThreadPoolExecutor(preprocess_workers, thread_name_prefix="sidecar-preprocess")
             if preprocess_workers > 0 else None
         )
+
+    def capture_graphs(self) -> dict:
+        """Capture the CUDA graphs of every small-step shape now (a GPU sidecar does it at start, as vLLM does for
+        decode), so no live step stalls on a capture; what was captured and how long it took."""
+        started = time.monotonic()
+        clip_shape = (FRAMES_PER_CLIP, 3, self.preprocessor.crop_height, self.preprocessor.crop_width)
+        captured = {"perception": self.encoder.capture_graphs(clip_shape), "decision": self.decision.capture_graphs()}
+        self.graphs_captured = {**captured, "seconds": round(time.monotonic() - started, 2)}
+        return self.graphs_captured
+
+    def features(self) -> dict:
+        """What this engine runs with (``/health``'s ``sidecar_features``)."""
+        return {"device": str(self.modules.device), "fused_ops": self.decision.lm.fused,
+                "cuda_graphs": {"perception": self.encoder.graphs.graphed, "decision": self.decision.lm.graphs.graphed},
+                "max_batch_clips": self.max_batch_clips, "preprocess_workers": self.preprocess_workers,
+                "kv_slots": self.decision.pool.num_slots, "graphs_captured_at_start": self.graphs_captured}
 
     def close(self) -> None:
         if self._pool is not None:
@@ -255,8 +274,8 @@ class SidecarEngine:
         return windows
 
     def _prepare(self, frame: Frame) -> PreparedFrame:
-        """The sampled frame, its resize and crop started (on the pool, or done here without one)."""
-        return PreparedFrame(frame.timestamp, frame.pixels, self._run(resize_frame, frame, self.preprocessor))
+        """The sampled frame, its preprocessing started (on the pool, or done here without one)."""
+        return PreparedFrame(frame.timestamp, frame.pixels, self._run(prepare_frame_pixels, frame, self.preprocessor))
 
     def _preprocess(self, window: ClipWindow) -> Future:
         """The window's Clip, made on the pool (or here, done already, without one); a failure stays in the Future.

@@ -74,6 +74,7 @@ Command = Union[OpenStream, PushFrames, PushEncoded, AskQuestion, CloseStream, S
 class SidecarReady:
     device: str
     model: str
+    features: dict = field(default_factory=dict)  # what the engine runs with (SidecarEngine.features), for /health
 
 
 @dataclass(frozen=True)
