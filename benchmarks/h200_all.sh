@@ -5,6 +5,8 @@
 #   reference: the reference-style computation with its blocking reaction (reference_bench.py);
 #   burst:     the reaction's throughput ceiling: plain vLLM, BURST_N answers at once (plain_vllm_bench.py --arrivals
 #              burst), then the one-GPU capacity bound from it and the sidecar's ceiling (capacity_bound.py);
+#   mps:       the same server and sweep (MPS_N) under a CUDA MPS daemon started for it and stopped after: the
+#              sidecar's and vLLM's kernels run side by side, vLLM's at below-normal priority (--reaction-mps-priority);
 #   ours:      the server (h200_streams.sh start) and the live sweep, N = 1 (the idle server) first;
 #   blocking:  the same server, sessions opened with "blocking_reaction": true (input held while answering);
 #   plain:     plain vLLM serving the reaction LLM alone, under the same answer load (plain_vllm_bench.py);
@@ -14,7 +16,8 @@
 #   STEPS="ours blocking" OURS_N="1 256 384" bash benchmarks/h200_all.sh /tmp/h200   # some steps only
 #
 # Each step writes its JSON into the results folder as soon as it ends, so a run cut short keeps what finished.
-# Stream counts and durations: OURS_N, BLOCKING_N, PLAIN_N, DURATION (ours), BASE_DURATION (the others);
+# Stream counts and durations: OURS_N, MPS_N, BLOCKING_N, PLAIN_N, DURATION (ours, mps), BASE_DURATION (the others);
+# MPS_SERVER_ARGS: more server options for the mps step (e.g. --reaction-mps-priority normal);
 # MAX_TOKENS (answer length of ours and blocking, default 32).
 set -uo pipefail
 RESULTS=${1:-/tmp/h200-results}
@@ -58,6 +61,30 @@ if wants burst; then
   pick() { if [[ -f "$RESULTS/$1" ]]; then echo "$RESULTS/$1"; else echo "$here/results/$1"; fi; }
   python3 "$here/capacity_bound.py" --sidecar "$(pick sidecar_h200.json)" --reaction "$RESULTS/plain_vllm_burst_h200.json" \
     --reference "$(pick reference_h200.json)" --ours "$(pick streams_h200.json)" --out "$RESULTS/capacity_bound_h200.json"
+fi
+if wants mps; then
+  if ! command -v nvidia-cuda-mps-control > /dev/null; then
+    say "mps: no nvidia-cuda-mps-control on this host: skipped"
+  else
+    export CUDA_MPS_PIPE_DIRECTORY=/tmp/dispider-mps/pipe CUDA_MPS_LOG_DIRECTORY=/tmp/dispider-mps/log
+    mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
+    stop_mps() { echo quit | nvidia-cuda-mps-control; }
+    trap stop_mps EXIT  # a daemon left behind would put every later CUDA process of this host under MPS
+    nvidia-cuda-mps-control -d
+    say "mps: MPS daemon up; server and sweep ${MPS_N:-1 256 384 448 512}"
+    # shellcheck disable=SC2086
+    if bash "$here/h200_streams.sh" start ${MPS_SERVER_ARGS:-}; then
+      nvidia-smi --query-compute-apps=pid,process_name,used_memory --format=csv || true
+      # shellcheck disable=SC2086
+      sweep "$RESULTS/streams_mps_h200.json" "${DURATION:-96}" --max-tokens "${MAX_TOKENS:-32}" --sweep ${MPS_N:-1 256 384 448 512}
+      bash "$here/h200_streams.sh" stop
+      sleep 5
+    fi
+    tail -5 "$CUDA_MPS_LOG_DIRECTORY/server.log" 2>/dev/null || true
+    stop_mps; trap - EXIT
+    unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY
+    sleep 2
+  fi
 fi
 if wants ours || wants blocking; then
   say "ours: starting the server"

@@ -58,6 +58,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -106,6 +107,9 @@ KEEPALIVE_EXPIRY_S = 2.0
 SIDECAR_BATCH_CLIPS = "dispider_sidecar_batch_clips"
 SIDECAR_STEP_SECONDS = "dispider_sidecar_step_seconds"
 SIDECAR_QUEUE_WAIT = "dispider_sidecar_queue_wait_seconds"
+SIDECAR_TRANSIT = "dispider_sidecar_transit_seconds"
+GC_PAUSES = "dispider_gc_pause_seconds"
+SLOWEST_DECISIONS = 12  # the report lists this many of a run's slowest decisions, to see when the tail happens
 SIDECAR_STEP_PHASES = ("preprocess_wait", "perceive", "decide")
 
 
@@ -660,6 +664,7 @@ class Timings:
     decision_server: list[float] = field(default_factory=list)
     decision_client: list[float] = field(default_factory=list)
     decision_trend: list[tuple[float, float]] = field(default_factory=list)  # (seconds into the run, server latency)
+    slowest: list[dict] = field(default_factory=list)  # the slowest decisions (server side), slowest first
     ttft: list[float] = field(default_factory=list)  # decision taken (estimated, see add_response) -> first text
     ttft_after_event: list[float] = field(default_factory=list)  # decision event received -> first text
     answer_latency: list[float] = field(default_factory=list)  # closing frame sent -> first answer text
@@ -673,6 +678,7 @@ class Timings:
 
 def collect_timings(logs: list[StreamLog], run_start: float) -> Timings:
     timings = Timings()
+    every_decision = []
     for log in logs:
         if log.events is None:
             continue
@@ -680,13 +686,18 @@ def collect_timings(logs: list[StreamLog], run_start: float) -> Timings:
         for decision in log.events.decisions:
             timings.decision_server.append(decision.latency_s)
             timings.decision_trend.append((decision.received_at - run_start, decision.latency_s))
-            if (closed := log.closing_sent_at(decision.clip)) is not None:
+            closed = log.closing_sent_at(decision.clip)
+            if closed is not None:
                 timings.decision_client.append(decision.received_at - closed)
+            every_decision.append({"at_s": _r(decision.received_at - run_start), "stream": log.index,
+                                   "clip": decision.clip, "respond": decision.respond, "server_s": _r(decision.latency_s),
+                                   "client_s": _r(decision.received_at - closed) if closed is not None else None})
             if decision.respond:
                 triggers[decision.clip] = decision
         timings.triggers += len(triggers)
         for response in log.events.responses.values():
             add_response(timings, response, triggers.get(response.clip), log.closing_sent_at(response.clip))
+    timings.slowest = sorted(every_decision, key=lambda d: d["server_s"] or 0.0, reverse=True)[:SLOWEST_DECISIONS]
     return timings
 
 
@@ -738,6 +749,7 @@ def summarize_run(streams: int, logs: list[StreamLog], samples: Samples, before:
             "latency_server_s": distribution(timings.decision_server),
             "latency_client_s": distribution(timings.decision_client),
             "latency_growth_s": rise_over_run(timings.decision_trend),
+            "slowest": timings.slowest,  # when in the run (at_s, decision received), which stream and clip
         },
         "responses": {
             "triggers": timings.triggers,
@@ -784,6 +796,23 @@ def server_metrics_delta(before: MetricsSnapshot | None, after: MetricsSnapshot 
             outcomes[labels.get("outcome", "?")] = int(value - (earlier or 0))
     result["reactions"] = outcomes
     result["sidecar_steps"] = sidecar_steps_delta(before, after)
+    result["gc_pauses_s"] = gc_pauses_delta(before, after)
+    return result
+
+
+def gc_pauses_delta(before: MetricsSnapshot | None, after: MetricsSnapshot) -> dict:
+    """Python's garbage collections in the server and the sidecar over this run, by generation (bucket estimates;
+    ``total_s`` is exact): a collection stops its whole process, so long ones show up in the latency tail."""
+    result: dict[str, dict] = {}
+    for process in ("server", "sidecar"):
+        for generation in ("0", "1", "2"):
+            histogram = labeled_histogram(after, GC_PAUSES, process=process, generation=generation)
+            if histogram is None:
+                continue
+            earlier = labeled_histogram(before, GC_PAUSES, process=process, generation=generation) if before else None
+            pauses = histogram.minus(earlier)
+            result.setdefault(process, {})[generation] = {**pauses.summary(), "total_s": _r(pauses.total),
+                                                          "longest_at_most_s": longest_bound(pauses)}
     return result
 
 
@@ -800,7 +829,18 @@ def sidecar_steps_delta(before: MetricsSnapshot | None, after: MetricsSnapshot) 
         "batch_clips": delta(SIDECAR_BATCH_CLIPS),
         "step_s": {phase: delta(SIDECAR_STEP_SECONDS, phase=phase) for phase in SIDECAR_STEP_PHASES},
         "queue_wait_s": delta(SIDECAR_QUEUE_WAIT),
+        "transit_s": delta(SIDECAR_TRANSIT),
     }
+
+
+def longest_bound(histogram: Histogram) -> float | None:
+    """The upper bound of the highest bucket with an observation (None: none, or only above the last bound)."""
+    below, highest = 0.0, None
+    for upper, cumulative in histogram.buckets:
+        if cumulative > below:
+            highest = None if math.isinf(upper) else upper
+        below = cumulative
+    return highest
 
 
 def labeled_histogram(snapshot: MetricsSnapshot, name: str, **labels: str) -> Histogram | None:
@@ -1045,7 +1085,9 @@ async def warm_up(url: str, frames: list[EncodedFrame], config: LoadConfig) -> N
 
 
 async def run_counts(url: str, counts: list[int], frames: list[EncodedFrame], config: LoadConfig,
-                     stop_at_failure: bool, warmup: bool, client_procs: int | str = 1) -> list[dict]:
+                     stop_at_failure: bool, warmup: bool, client_procs: int | str = 1,
+                     after_each: Callable[[list[dict]], None] | None = None) -> list[dict]:
+    """One run per stream count; ``after_each(runs so far)`` after each (a long sweep cut short keeps them)."""
     if warmup:
         await warm_up(url, frames, config)
     runs = []
@@ -1056,6 +1098,8 @@ async def run_counts(url: str, counts: list[int], frames: list[EncodedFrame], co
         run = await run_load(url, streams, frames, config, client_procs=procs)
         print_run(run)
         runs.append(run)
+        if after_each is not None:
+            after_each(runs)
         if stop_at_failure and not run["realtime"]["ok"]:
             break
     return runs
@@ -1095,8 +1139,14 @@ def main(argv: list[str] | None = None) -> None:
             print(f"server ready in {server.wait_healthy(args.server_start_timeout):.0f} s at {server.url}", flush=True)
         url = server.url if server else args.url.rstrip("/")
         health = check_reachable(url)
+
+        def save_so_far(runs: list[dict]) -> None:
+            if args.out and len(runs) < len(counts):
+                write_report(args.out, make_report(args, config, counts, video, frames, url, server, health, started, runs,
+                                                   complete=False), quiet=True)
+
         runs = asyncio.run(run_counts(url, counts, frames, config, stop_at_failure=bool(args.sweep) and not args.sweep_all,
-                                      warmup=args.warmup, client_procs=args.client_procs))
+                                      warmup=args.warmup, client_procs=args.client_procs, after_each=save_so_far))
     except (StreamClientError, ServerStartError) as error:
         sys.exit(f"load_streams: {error}")
     except KeyboardInterrupt:
@@ -1104,6 +1154,24 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         if server is not None:
             server.stop()
+    report = make_report(args, config, counts, video, frames, url, server, health, started, runs, complete=True)
+    if args.sweep:
+        print(f"largest real-time N: {report['sweep']['max_realtime_streams']}", flush=True)
+    if args.out:
+        write_report(args.out, report)
+
+
+def write_report(path: Path, report: dict, quiet: bool = False) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=1) + "\n")
+    if not quiet:
+        print(f"wrote {path}", flush=True)
+
+
+def make_report(args: argparse.Namespace, config: LoadConfig, counts: list[int], video: str,
+                frames: list[EncodedFrame], url: str, server: LocalServer | None, health: dict, started: float,
+                runs: list[dict], complete: bool) -> dict:
+    """The JSON report; ``complete`` is False while a sweep is still running (written after each run)."""
     report = {
         "benchmark": "load_streams",
         "version": REPORT_VERSION,
@@ -1116,6 +1184,7 @@ def main(argv: list[str] | None = None) -> None:
         "server": {"url": url, "started_by_benchmark": server is not None,
                    "args": server.command[3:] if server else None, "health": health},
         "environment": environment(),
+        "complete": complete,
         "runs": runs,
     }
     if args.sweep:
@@ -1127,11 +1196,7 @@ def main(argv: list[str] | None = None) -> None:
             "criteria": {"max_p99_decision_s": config.max_p99_decision_s, "max_p99_ttft_s": config.max_p99_ttft_s,
                          "growth_tolerance_s": config.growth_tolerance_s, "frames_dropped": 0},
         }
-        print(f"largest real-time N: {report['sweep']['max_realtime_streams']}", flush=True)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=1) + "\n")
-        print(f"wrote {args.out}", flush=True)
+    return report
 
 
 if __name__ == "__main__":

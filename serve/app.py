@@ -38,6 +38,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
+from dispider_vllm.gc_pauses import GcPauseMeter, freeze_startup_heap
 from dispider_vllm.reaction.engine import ReactionEngine, ReactionEngineConfig
 from dispider_vllm.sidecar.client import SidecarClient, SidecarConfig
 from dispider_vllm.types import Frame
@@ -115,6 +116,7 @@ def make_backends(config: ServerConfig, parts: ModelParts) -> Backends:
         disable_custom_all_reduce=config.disable_custom_all_reduce,
         cpu_kv_cache_gib=config.cpu_kv_cache_gib,
         scheduling_policy=config.scheduling_policy,
+        mps_client_priority=config.reaction_mps_priority,
     ))
     return Backends(sidecar, engine, placement)
 
@@ -144,7 +146,9 @@ async def stop_backends(backends: Backends) -> None:
 # ---- the app ---------------------------------------------------------------------------------------------------------
 def build_app(config: ServerConfig, backends: Backends) -> Starlette:
     metrics = ServerMetrics()
-    metrics.watch(backends.sidecar.is_alive, backends.engine.is_alive, lambda: backends.sidecar.last_stats)
+    gc_pauses = GcPauseMeter()
+    metrics.watch(backends.sidecar.is_alive, backends.engine.is_alive, lambda: backends.sidecar.last_stats,
+                  server_gc_pauses=gc_pauses.snapshot)
     directory = config.tenant_directory()
     admission = Admission(config.stream_capacity())
 
@@ -160,6 +164,7 @@ def build_app(config: ServerConfig, backends: Backends) -> Starlette:
                  "open mode: no API keys" if directory.open else f"tenants: {', '.join(sorted(directory.tenants))}",
                  admission.capacity)
         reaper = asyncio.create_task(app.state.sessions.reap_forever())
+        freeze_startup_heap()  # vLLM's frontend and the models' configs stay for good: no collection walks them again
         log.info("ready: serving %r at %s (OpenAI base URL %s/v1)", config.served_model_name, config.url, config.url)
         try:
             yield
@@ -167,6 +172,7 @@ def build_app(config: ServerConfig, backends: Backends) -> Starlette:
             reaper.cancel()
             await app.state.sessions.close_all()
             await stop_backends(backends)
+            gc_pauses.close()
             log.info("stopped")
 
     app = Starlette(

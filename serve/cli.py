@@ -78,6 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
     engine.add_argument("--scheduling-policy", choices=["fcfs", "priority"], default=defaults.scheduling_policy,
                         help="order of waiting reactions: fcfs (default), or priority: by the tenant's priority "
                              "from the tenants file (lower first), then arrival")
+    engine.add_argument("--reaction-mps-priority", choices=["below_normal", "normal"],
+                        default=defaults.reaction_mps_priority,
+                        help="when the sidecar shares the reaction's GPU under a CUDA MPS daemon: the reaction's "
+                             "client priority (default below_normal: perception and decision kernels go first; "
+                             "the sidecar always runs at normal). Without MPS it does nothing (README: GPUs)")
 
     sidecar = parser.add_argument_group("sidecar (perception and decision)")
     sidecar.add_argument("--sidecar-device", default="auto", metavar="DEVICE",
@@ -164,7 +169,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         allowed_local_media_path=args.allowed_local_media_path, media_fetch_timeout_s=args.media_fetch_timeout,
         max_sessions=args.max_sessions, session_idle_timeout_s=args.session_idle_timeout,
         event_buffer=args.event_buffer, blocking_reaction=args.blocking_reaction,
-        scheduling_policy=args.scheduling_policy, tenants_file=args.tenants,
+        scheduling_policy=args.scheduling_policy, reaction_mps_priority=args.reaction_mps_priority,
+        tenants_file=args.tenants,
         capacity_streams=args.capacity_streams, capacity_file=args.capacity_file, log_level=args.log_level,
     )
 

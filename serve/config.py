@@ -30,6 +30,7 @@ class ServerConfig:
     disable_custom_all_reduce: bool = False  # tensor parallelism: NCCL only, no CUDA-IPC all-reduce kernel
     cpu_kv_cache_gib: int = 1
     scheduling_policy: str = "fcfs"  # "priority": reactions are ordered by their tenant's priority
+    reaction_mps_priority: str = "below_normal"  # under CUDA MPS: the reaction's kernels queue behind the sidecar's
     # sidecar (perception + decision)
     sidecar_device: str = "auto"
     sidecar_threads: int | None = None

@@ -97,24 +97,29 @@ class ServerMetrics:
         """Report each tenant's open streams, and the server's capacity, when scraped."""
         self.registry.register(_TenantCollector(sessions_by_tenant, capacity))
 
-    def watch(self, sidecar_alive: Callable[[], bool], engine_alive: Callable[[], bool], sidecar_stats) -> None:
-        """Report the health and queues of the sidecar and the engine when scraped."""
-        self.registry.register(_ProcessCollector(sidecar_alive, engine_alive, sidecar_stats))
+    def watch(self, sidecar_alive: Callable[[], bool], engine_alive: Callable[[], bool], sidecar_stats,
+              server_gc_pauses: Callable[[], dict[str, HistogramCounts]] | None = None) -> None:
+        """Report the health and queues of the sidecar and the engine, and both processes' garbage collections
+        (``server_gc_pauses``: this process's, by generation), when scraped."""
+        self.registry.register(_ProcessCollector(sidecar_alive, engine_alive, sidecar_stats, server_gc_pauses))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
 
 class _ProcessCollector(Collector):
-    def __init__(self, sidecar_alive, engine_alive, sidecar_stats) -> None:
+    def __init__(self, sidecar_alive, engine_alive, sidecar_stats, server_gc_pauses) -> None:
         self._sidecar_alive = sidecar_alive
         self._engine_alive = engine_alive
         self._sidecar_stats = sidecar_stats  # () -> SidecarStats | None, the sidecar's latest report
+        self._server_gc_pauses = server_gc_pauses
 
     def collect(self) -> Iterator:
         yield GaugeMetricFamily("dispider_sidecar_up", "1 when the sidecar is alive", value=self._sidecar_alive())
         yield GaugeMetricFamily("dispider_engine_up", "1 when the reaction engine is alive", value=self._engine_alive())
         stats = self._sidecar_stats()
+        if (gc_family := self._gc_pauses(stats)) is not None:
+            yield gc_family
         if stats is None:
             return
         yield GaugeMetricFamily("dispider_sidecar_streams", "Streams open in the sidecar", value=stats.streams)
@@ -141,6 +146,21 @@ class _ProcessCollector(Collector):
                 "dispider_sidecar_queue_wait_seconds", "Clip's last frame received -> its perception batch started",
                 {(): stats.queue_wait_seconds},
             )
+        if stats.transit_seconds is not None:
+            yield _histogram(
+                "dispider_sidecar_transit_seconds", "Frames received by the server -> taken in by the sidecar process "
+                "(blocking-reaction sessions: including the time they were held)", {(): stats.transit_seconds},
+            )
+
+    def _gc_pauses(self, stats) -> HistogramMetricFamily | None:
+        series = {("server", generation): counts
+                  for generation, counts in (self._server_gc_pauses() if self._server_gc_pauses else {}).items()}
+        series.update({("sidecar", generation): counts
+                       for generation, counts in (stats.gc_pause_seconds if stats is not None else {}).items()})
+        if not series:
+            return None
+        return _histogram("dispider_gc_pause_seconds", "Python garbage collections, by process and generation: each "
+                          "one stops every thread of its process", series, labels=["process", "generation"])
 
 
 def _histogram(name: str, documentation: str, series: dict[tuple[str, ...], HistogramCounts],

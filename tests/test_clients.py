@@ -207,6 +207,13 @@ def test_load_benchmark_report_is_well_formed(dispider_server, tmp_path):
     assert run["responses"]["ttft_s"]["count"] == run["responses"]["answered"]
     assert isinstance(run["realtime"]["ok"], bool) and isinstance(run["realtime"]["reasons"], list)
     assert run["server_metrics"]["decision_latency_s"]["count"] >= 4
+    # The slowest decisions, slowest first: when in the run, which stream and clip (here: all four).
+    slowest = run["decisions"]["slowest"]
+    assert sorted((d["stream"], d["clip"]) for d in slowest) == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert [d["server_s"] for d in slowest] == sorted((d["server_s"] for d in slowest), reverse=True)
+    assert all(0 < d["at_s"] < run["wall_s"] and d["server_s"] > 0 for d in slowest)
+    # Both processes' garbage collections over the run are in the report (young ones happen in any run).
+    assert run["server_metrics"]["gc_pauses_s"]["server"]["0"]["count"] > 0
     assert_numbers_finite(report)
 
 

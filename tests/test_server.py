@@ -147,7 +147,7 @@ def test_models_health_and_openapi(client, http, dispider_server):
     assert health == {"status": "ok", "sidecar": True, "engine": True}
     # What the sidecar runs with: on the CPU nothing is captured as a CUDA graph.
     assert features["device"] == "cpu" and features["cuda_graphs"] == {"perception": False, "decision": False}
-    assert features["preprocess_workers"] == 4 and features["kv_slots"] == 16
+    assert features["preprocess_workers"] == 4 and features["kv_slots"] == 16 and features["mps_daemon"] is False
     # Process placement: the sidecar is a process of its own, the server's child, on the device it says.
     assert placement["platform"] == "cpu" and placement["sidecar_device"] == "cpu"
     assert placement["reaction_devices"] == ["cpu"] and placement["tensor_parallel_size"] == 1
@@ -432,7 +432,9 @@ def test_still_healthy_with_metrics(http, client, videos, dispider_server):
                  "dispider_reaction_tokens_total", "dispider_reaction_queue_depth", "dispider_reaction_queued_total",
                  "dispider_sidecar_up 1.0", "dispider_engine_up 1.0", 'dispider_errors_total{code="model_not_found"}',
                  "dispider_sidecar_batch_clips_bucket", 'dispider_sidecar_step_seconds_count{phase="perceive"}',
-                 "dispider_sidecar_queue_wait_seconds_bucket"):
+                 "dispider_sidecar_queue_wait_seconds_bucket", "dispider_sidecar_transit_seconds_bucket",
+                 'dispider_gc_pause_seconds_count{generation="0",process="server"}',
+                 'dispider_gc_pause_seconds_count{generation="0",process="sidecar"}'):
         assert name in metrics, name
 
 

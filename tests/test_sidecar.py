@@ -7,6 +7,8 @@ through ``SidecarClient``.
 from __future__ import annotations
 
 import asyncio
+import gc
+import queue
 import time
 from pathlib import Path
 
@@ -394,15 +396,26 @@ def test_a_clip_whose_preprocessing_fails_is_an_error_of_its_stream_only(modules
 
 
 def test_stats_report_each_steps_clips_phases_and_queue_waits(modules, part_dir, frames):
-    from dispider_vllm.sidecar.process import _stats
+    from dispider_vllm.gc_pauses import GcPauseMeter
+    from dispider_vllm.sidecar.process import CommandIntake, _stats
 
     engine = new_engine(modules, part_dir, max_batch_clips=2)
+    # A frame push that the server received 50 ms before the sidecar's intake thread took it in.
+    commands: queue.Queue = queue.Queue()
+    intake = CommandIntake(commands)
+    commands.put(PushFrames("a", (), received_at=time.time() - 0.05))
+    intake.queue.get(timeout=10)
     events = engine.handle(OpenStream("a", "q?")) + engine.handle(OpenStream("b", "q?"))
     pushed = time.time()
     events += feed(engine, "a", frames) + feed(engine, "b", frames)
     run_until_idle(engine, events)
     waited_at_most = time.time() - pushed
-    stats = _stats(engine)
+    gc_pauses = GcPauseMeter()
+    gc.collect()
+    stats = _stats(engine, intake, gc_pauses)
+    gc_pauses.close()
+    assert sum(stats.transit_seconds.counts) == 1 and 0.05 <= stats.transit_seconds.total < 5
+    assert set(stats.gc_pause_seconds) == {"0", "1", "2"} and sum(stats.gc_pause_seconds["2"].counts) == 1
     assert stats.clips_total == 6 and stats.batches_total >= 3
     assert sum(stats.batch_clips.counts) == stats.batches_total and stats.batch_clips.total == 6
     assert set(stats.step_seconds) == {"preprocess_wait", "perceive", "decide"}

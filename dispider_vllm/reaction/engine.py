@@ -80,6 +80,8 @@ class ReactionEngineConfig:
     disable_custom_all_reduce: bool = False  # tensor parallelism over NCCL only
     cpu_kv_cache_gib: int = 1  # VLLM_CPU_KVCACHE_SPACE, when running on the CPU
     scheduling_policy: str = "fcfs"  # or "priority": then ``respond(priority=...)`` orders requests
+    # Under CUDA MPS, on a GPU shared with the sidecar: "below_normal" lets perception and decision go first.
+    mps_client_priority: str = "below_normal"  # or "normal"; without an MPS daemon it does nothing
     seed: int = 0
 
 
@@ -98,6 +100,7 @@ class ReactionEngine:
         from vllm.v1.engine.async_llm import AsyncLLM
 
         _prepare_cpu_environment(self.config)
+        _set_mps_client_priority(self.config)
         args = self.engine_args()
         # Blocks until the engine core is up (minutes on the CPU); called in a running loop, it also starts
         # the output handler, so a dead engine core shows in ``is_alive`` before any request.
@@ -229,6 +232,15 @@ def _spellable_ids_with_dummy_weights(model_dir: str) -> list[int] | None:
 def _has_dummy_weights(model_dir: str) -> bool:
     config = json.loads((Path(model_dir) / "config.json").read_text())
     return bool(config.get("dispider_dummy_weights"))
+
+
+MPS_CLIENT_PRIORITIES = {"normal": "0", "below_normal": "1"}  # CUDA_MPS_CLIENT_PRIORITY's values
+
+
+def _set_mps_client_priority(config: ReactionEngineConfig) -> None:
+    """The engine-core process inherits this environment: under an MPS daemon its kernels queue behind those of
+    normal-priority clients (the sidecar sets its own to normal), and without one CUDA ignores the variable."""
+    os.environ["CUDA_MPS_CLIENT_PRIORITY"] = MPS_CLIENT_PRIORITIES[config.mps_client_priority]
 
 
 def _prepare_cpu_environment(config: ReactionEngineConfig) -> None:

@@ -13,8 +13,8 @@ work is spread over the clip's 16 seconds instead of sitting between its last fr
 
 from __future__ import annotations
 
-import bisect
 import logging
+import os
 import random
 import time
 from collections import OrderedDict, deque
@@ -32,9 +32,9 @@ from dispider_vllm.sidecar.protocol import (
     ClipPerceived,
     CloseStream,
     Command,
+    CountingHistogram,
     Decision,
     Event,
-    HistogramCounts,
     OpenStream,
     PushEncoded,
     PushFrames,
@@ -77,22 +77,6 @@ class PendingClip:
         return self.clip
 
 
-class CountingHistogram:
-    """Observations per bucket (a value goes in the first bucket whose upper bound is >= it) and their sum."""
-
-    def __init__(self, bounds: tuple[float, ...]) -> None:
-        self.bounds = bounds
-        self.counts = [0] * (len(bounds) + 1)
-        self.total = 0.0
-
-    def observe(self, value: float) -> None:
-        self.counts[bisect.bisect_left(self.bounds, value)] += 1
-        self.total += value
-
-    def snapshot(self) -> HistogramCounts:
-        return HistogramCounts(tuple(float(b) for b in self.bounds), tuple(self.counts), self.total)
-
-
 class StepStats:
     """What each batched step did, for diagnosing latency under load: its clips, the wall time of its phases
     (waiting for the preprocessing pool, perception, decision with triggers) and each clip's queue wait."""
@@ -127,6 +111,11 @@ class StreamState:
     @property
     def finished(self) -> bool:
         return self.end_requested and not self.ready and self.clips_decided == self.clips_closed
+
+
+def mps_daemon_running() -> bool:
+    """Whether a CUDA MPS control daemon listens where this process's CUDA looks for one (its control pipe)."""
+    return os.path.exists(os.path.join(os.environ.get("CUDA_MPS_PIPE_DIRECTORY", "/tmp/nvidia-mps"), "control"))
 
 
 def make_respond_policy(every: int | None, probability: float | None) -> Callable[[str, int], bool | None] | None:
@@ -203,7 +192,8 @@ class SidecarEngine:
         return {"device": str(self.modules.device), "fused_ops": self.decision.lm.fused,
                 "cuda_graphs": {"perception": self.encoder.graphs.graphed, "decision": self.decision.lm.graphs.graphed},
                 "max_batch_clips": self.max_batch_clips, "preprocess_workers": self.preprocess_workers,
-                "kv_slots": self.decision.pool.num_slots, "graphs_captured_at_start": self.graphs_captured}
+                "kv_slots": self.decision.pool.num_slots, "graphs_captured_at_start": self.graphs_captured,
+                "mps_daemon": self.modules.device.type == "cuda" and mps_daemon_running()}
 
     def close(self) -> None:
         if self._pool is not None:

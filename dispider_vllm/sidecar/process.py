@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 import time
@@ -12,9 +13,18 @@ from pathlib import Path
 
 import torch
 
+from dispider_vllm.gc_pauses import GcPauseMeter, freeze_startup_heap
 from dispider_vllm.sidecar.client import SidecarConfig
-from dispider_vllm.sidecar.engine import decode_push
-from dispider_vllm.sidecar.protocol import PushEncoded, PushFrames, Shutdown, SidecarReady, SidecarStats, StreamError
+from dispider_vllm.sidecar.engine import SECONDS_BUCKETS, decode_push
+from dispider_vllm.sidecar.protocol import (
+    CountingHistogram,
+    PushEncoded,
+    PushFrames,
+    Shutdown,
+    SidecarReady,
+    SidecarStats,
+    StreamError,
+)
 
 log = logging.getLogger("dispider.sidecar")
 STATS_INTERVAL_S = 1.0
@@ -28,6 +38,8 @@ DECODED_PIECES_PER_TURN = 4
 
 def run_sidecar(config: SidecarConfig, commands, events) -> None:
     """Process entry point. Startup failures are sent back as a string so the server can say why."""
+    # Under CUDA MPS the sidecar's kernels go first: the reaction's run at the priority the server gave them.
+    os.environ["CUDA_MPS_CLIENT_PRIORITY"] = "0"  # before this process's first CUDA call
     try:
         engine = _build_engine(config)
         captured = engine.capture_graphs()  # on a GPU: before the first stream, not during its steps
@@ -35,10 +47,13 @@ def run_sidecar(config: SidecarConfig, commands, events) -> None:
     except Exception as error:  # noqa: BLE001 - report any startup failure to the parent, then exit
         events.put(f"{type(error).__name__}: {error}\n{traceback.format_exc(limit=3)}")
         return
+    freeze_startup_heap()  # the models' objects live as long as the process: no collection walks them again
+    gc_pauses = GcPauseMeter()
     events.put(SidecarReady(device=config.device, model=config.part_dir, features=engine.features()))
     try:
-        _serve(engine, commands, events)
+        _serve(engine, commands, events, gc_pauses)
     finally:
+        gc_pauses.close()
         engine.close()
 
 
@@ -127,7 +142,8 @@ class VideoDecoder:
 
 
 class CommandIntake:
-    """Reads the server's commands off the process pipe on a thread of its own, into an in-process queue.
+    """Reads the server's commands off the process pipe on a thread of its own, into an in-process queue; times
+    each frame push from the server's receipt to here (``transit_seconds``).
 
     The pipe holds less than one 320x240 frame, and the server's feeder thread writes the next command only after
     the previous one has been read; a loop that read the pipe only between batched steps took about one frame per
@@ -137,17 +153,20 @@ class CommandIntake:
 
     def __init__(self, commands) -> None:
         self.queue: queue.Queue = queue.Queue()
+        self.transit_seconds = CountingHistogram(SECONDS_BUCKETS)
         threading.Thread(target=self._pump, args=(commands,), name="sidecar-intake", daemon=True).start()
 
     def _pump(self, commands) -> None:
         while True:
             command = commands.get()
+            if isinstance(command, (PushFrames, PushEncoded)) and command.received_at:
+                self.transit_seconds.observe(max(0.0, time.time() - command.received_at))
             self.queue.put(command)
             if isinstance(command, Shutdown):
                 return
 
 
-def _serve(engine, commands, events) -> None:
+def _serve(engine, commands, events, gc_pauses: GcPauseMeter) -> None:
     decoder = VideoDecoder()
     intake = CommandIntake(commands)
     last_stats = 0.0
@@ -170,7 +189,7 @@ def _serve(engine, commands, events) -> None:
                     events.put(event)
         if time.monotonic() - last_stats >= STATS_INTERVAL_S:
             last_stats = time.monotonic()
-            events.put(_stats(engine))
+            events.put(_stats(engine, intake, gc_pauses))
 
 
 def _pieces(decoded):
@@ -207,7 +226,7 @@ def _safely(handle, command) -> list:
         return [StreamError(stream_id, "internal_error", f"{type(error).__name__}: {error}")]
 
 
-def _stats(engine) -> SidecarStats:
+def _stats(engine, intake: CommandIntake, gc_pauses: GcPauseMeter) -> SidecarStats:
     return SidecarStats(
         streams=len(engine.streams),
         pending_frames=0,
@@ -216,4 +235,6 @@ def _stats(engine) -> SidecarStats:
         clips_total=engine.clips_total,
         batches_total=engine.batches_total,
         **engine.step_stats.snapshot(),
+        transit_seconds=intake.transit_seconds.snapshot(),
+        gc_pause_seconds=gc_pauses.snapshot(),
     )

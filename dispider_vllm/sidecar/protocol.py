@@ -7,6 +7,7 @@ which move their storage through shared memory instead of pickling the bytes.
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass, field
 from typing import Union
 
@@ -134,6 +135,22 @@ class HistogramCounts:
     total: float  # the sum of the observations
 
 
+class CountingHistogram:
+    """Observations per bucket (a value goes in the first bucket whose upper bound is >= it) and their sum."""
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
+        self.total = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.total += value
+
+    def snapshot(self) -> HistogramCounts:
+        return HistogramCounts(tuple(float(b) for b in self.bounds), tuple(self.counts), self.total)
+
+
 @dataclass(frozen=True)
 class SidecarStats:
     streams: int
@@ -146,6 +163,8 @@ class SidecarStats:
     batch_clips: HistogramCounts | None = None  # clips in the batch
     step_seconds: dict[str, HistogramCounts] = field(default_factory=dict)  # phases: preprocess_wait, perceive, decide
     queue_wait_seconds: HistogramCounts | None = None  # per clip: its last frame received -> its batch started
+    transit_seconds: HistogramCounts | None = None  # per frame push: received by the server -> taken in by the sidecar
+    gc_pause_seconds: dict[str, HistogramCounts] = field(default_factory=dict)  # the sidecar's collections, by generation
 
 
 Event = Union[SidecarReady, ClipPerceived, Decision, Triggered, StreamError, StreamEnded, SidecarStats]
