@@ -95,6 +95,7 @@ def bound_report(args: argparse.Namespace) -> dict:
     if args.ours:
         measured = load(args.ours)["sweep"]["max_realtime_streams"]
         report["measured_streams"] = measured
+        report["measured_source"] = str(args.ours)
         report["measured_ratio"] = round(measured / reference_streams, 2) if measured else None
         report["measured_share_of_bound"] = round(measured / bound, 3) if measured else None
     return report

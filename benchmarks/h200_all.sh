@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The figures of one H200 session, one after the other, on one GPU (about 35 minutes with every step):
+# The figures of one H200 session, one after the other, on one GPU (about 45 minutes with every step):
 #   graphs:    the sidecar's small-batch steps with CUDA graphs vs eager, and their outputs compared (graph_bench.py);
 #   sidecar:   sidecar capacity vs reference-style perception+decision, fused kernels on and off (sidecar_bench.py);
 #   reference: the reference-style computation with its blocking reaction (reference_bench.py);
@@ -33,7 +33,7 @@ sweep() {  # sweep OUT DURATION [load_streams args...]
     --drain-timeout 60 --out "$out" "$@"
 }
 
-STEPS=" ${STEPS:-sidecar reference ours blocking plain tenancy} "
+STEPS=" ${STEPS:-sidecar reference mps ours blocking plain tenancy} "
 wants() { [[ "$STEPS" == *" $1 "* ]]; }
 
 if wants graphs; then
@@ -60,7 +60,7 @@ if wants burst; then
   # The sidecar's and the reference's figures of this run where it made them, else the committed ones.
   pick() { if [[ -f "$RESULTS/$1" ]]; then echo "$RESULTS/$1"; else echo "$here/results/$1"; fi; }
   python3 "$here/capacity_bound.py" --sidecar "$(pick sidecar_h200.json)" --reaction "$RESULTS/plain_vllm_burst_h200.json" \
-    --reference "$(pick reference_h200.json)" --ours "$(pick streams_h200.json)" --out "$RESULTS/capacity_bound_h200.json"
+    --reference "$(pick reference_h200.json)" --ours "$(pick streams_mps_h200.json)" --out "$RESULTS/capacity_bound_h200.json"
 fi
 if wants mps; then
   if ! command -v nvidia-cuda-mps-control > /dev/null; then
