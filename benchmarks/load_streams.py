@@ -733,6 +733,7 @@ def summarize_run(streams: int, logs: list[StreamLog], samples: Samples, before:
             error_codes[str(error.get("code"))] = error_codes.get(str(error.get("code")), 0) + 1
     summary = {
         "streams": streams,
+        "started_unix": round(time.time() - (time.monotonic() - run_start), 3),  # lines up with server-side logs
         "wall_s": _r(wall),
         "frames": {
             "sent": sum(log.frames_sent for log in logs),

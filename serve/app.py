@@ -104,6 +104,7 @@ def make_backends(config: ServerConfig, parts: ModelParts) -> Backends:
         preprocess_workers=config.preprocess_workers,
         kv_slots=config.sidecar_kv_slots,
         cuda_graphs=config.cuda_graphs,
+        turn_log=config.sidecar_turn_log,
     ))
     engine = ReactionEngine(ReactionEngineConfig(
         model_dir=str(parts.reaction_dir),

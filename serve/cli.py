@@ -101,6 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
     sidecar.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
                          help="run the sidecar's small steps eagerly instead of replaying CUDA graphs (GPU only; "
                               "DISPIDER_CUDA_GRAPHS=0 does the same)")
+    sidecar.add_argument("--sidecar-turn-log", metavar="PATH",
+                         help="write a JSON line for every turn of the sidecar's loop (commands taken in, step time, "
+                              "clips) to PATH, to lay slow decisions against (benchmarks/turn_timeline.py); off by "
+                              "default")
     sidecar.add_argument("--max-batch-clips", type=int, default=defaults.max_batch_clips, metavar="N",
                          help=f"clips of all streams perceived in one batch (default {defaults.max_batch_clips})")
     forced = sidecar.add_mutually_exclusive_group()
@@ -162,7 +166,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         disable_custom_all_reduce=args.disable_custom_all_reduce,
         sidecar_device=args.sidecar_device, sidecar_threads=args.sidecar_threads,
         preprocess_workers=args.preprocess_workers, sidecar_kv_slots=args.sidecar_kv_slots,
-        cuda_graphs=args.cuda_graphs,
+        cuda_graphs=args.cuda_graphs, sidecar_turn_log=args.sidecar_turn_log,
         max_batch_clips=args.max_batch_clips, respond_every=args.respond_every,
         respond_probability=args.respond_probability,
         default_max_tokens=args.default_max_tokens, max_upload_mb=args.max_upload_mb,

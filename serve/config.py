@@ -37,6 +37,7 @@ class ServerConfig:
     preprocess_workers: int = 4  # threads preprocessing frames as they arrive in the sidecar (0: on its loop)
     sidecar_kv_slots: int = 16  # streams whose decision KV caches the sidecar allocates up front
     cuda_graphs: bool = True  # the sidecar's small steps from CUDA graphs (GPU only)
+    sidecar_turn_log: str | None = None  # a JSON line per sidecar turn here (latency analysis)
     max_batch_clips: int = 32
     respond_every: int | None = None
     respond_probability: float | None = None  # or answer each clip with this probability

@@ -42,6 +42,7 @@ class ServerHandle:
     log_file: Path
     max_upload_mb: int
     respond_every: int
+    turn_log: Path  # the sidecar's turn log (--sidecar-turn-log)
     model: str = "dispider"
 
     @property
@@ -66,7 +67,7 @@ def launch_server(checkpoint, workdir: Path, extra_args: Sequence[str] = (), *, 
     media_dir.mkdir()
     handle = ServerHandle(
         url=f"http://127.0.0.1:{_free_port()}", media_dir=media_dir, log_file=workdir / "server.log",
-        max_upload_mb=max_upload_mb, respond_every=respond_every,
+        max_upload_mb=max_upload_mb, respond_every=respond_every, turn_log=workdir / "sidecar-turns.jsonl",
     )
     command = [
         sys.executable, "-m", "serve",
@@ -77,6 +78,7 @@ def launch_server(checkpoint, workdir: Path, extra_args: Sequence[str] = (), *, 
         "--max-upload-mb", str(handle.max_upload_mb),
         "--allowed-local-media-path", str(media_dir),
         "--max-model-len", "8192",
+        "--sidecar-turn-log", str(handle.turn_log),
         *extra_args,
     ]
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "PYTHONUNBUFFERED": "1"}

@@ -10,6 +10,7 @@ import asyncio
 import gc
 import queue
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,7 @@ from dispider_vllm.decision.engine import DecisionConfig
 from dispider_vllm.perception.frames import decode_video, load_preprocessor_config
 from dispider_vllm.perception.modules import PerceptionDecisionModules
 from dispider_vllm.sidecar.client import SidecarClient, SidecarConfig
+from dispider_vllm.sidecar.turn_log import read_turns
 from dispider_vllm.sidecar.engine import SidecarEngine, make_respond_policy
 from dispider_vllm.sidecar.protocol import (
     AskQuestion,
@@ -189,9 +191,12 @@ def test_new_question_and_close(modules, part_dir, frames):
     assert engine.handle(PushFrames("a", tuple(frames[:1])))[0].code == "unknown_stream"
 
 
-def test_real_sidecar_process(part_dir, frames):
+def test_real_sidecar_process(part_dir, frames, tmp_path):
+    turn_log = tmp_path / "turns.jsonl"
+
     async def scenario():
-        client = SidecarClient(SidecarConfig(part_dir=str(part_dir), respond_every=2, threads=1))
+        client = SidecarClient(SidecarConfig(part_dir=str(part_dir), respond_every=2, threads=1,
+                                             turn_log=str(turn_log)))
         ready = await client.start(timeout=300)
         assert ready.device == "cpu"
         queues = {sid: client.subscribe(sid) for sid in ("x", "y")}
@@ -214,6 +219,16 @@ def test_real_sidecar_process(part_dir, frames):
         decided = [e for e in events if isinstance(e, (Decision, Triggered))]
         assert all(_sid(e) == sid for e in decided)  # each stream sees only its own events
         assert any(isinstance(e, Triggered) for e in decided)
+    # The turn log accounts for every command taken in, every clip stepped and every decision sent back.
+    turns = read_turns(turn_log)
+    assert all(a.started <= b.started for a, b in zip(turns, turns[1:]))
+    taken = Counter(kind for turn in turns for kind, n in turn.commands.items() for _ in range(n))
+    sent = Counter(kind for turn in turns for kind, n in turn.events.items() for _ in range(n))
+    assert taken["OpenStream"] == 2 and taken["PushFrames"] == 2
+    assert sum(turn.clips for turn in turns) == 5
+    decided = sum(1 for events in seen.values() for e in events if isinstance(e, (Decision, Triggered)))
+    assert sent["Decision"] + sent["Triggered"] == decided and sent["StreamEnded"] == 2
+    assert all(turn.step_s > 0 for turn in turns if turn.clips)
 
 
 def test_command_intake_hands_every_queued_frame_to_one_drain_in_order():

@@ -49,6 +49,7 @@ class SidecarConfig:
     preprocess_workers: int = 4  # threads preprocessing frames as they arrive, beside the GPU's work (0: inline)
     kv_slots: int = 16  # streams whose decision KV caches are allocated up front (the pool doubles past them)
     cuda_graphs: bool = True  # small steps replayed from CUDA graphs on a GPU (dispider_vllm/cuda_graphs.py)
+    turn_log: str | None = None  # a JSON line per turn of the loop here (dispider_vllm/sidecar/turn_log.py)
     extra: dict = field(default_factory=dict)
 
 

@@ -25,6 +25,7 @@ from dispider_vllm.sidecar.protocol import (
     SidecarStats,
     StreamError,
 )
+from dispider_vllm.sidecar.turn_log import NO_CLOCK, TurnClock, TurnLog
 
 log = logging.getLogger("dispider.sidecar")
 STATS_INTERVAL_S = 1.0
@@ -49,11 +50,14 @@ def run_sidecar(config: SidecarConfig, commands, events) -> None:
         return
     freeze_startup_heap()  # the models' objects live as long as the process: no collection walks them again
     gc_pauses = GcPauseMeter()
+    turn_log = TurnLog(config.turn_log) if config.turn_log else None
     events.put(SidecarReady(device=config.device, model=config.part_dir, features=engine.features()))
     try:
-        _serve(engine, commands, events, gc_pauses)
+        _serve(engine, commands, events, gc_pauses, turn_log)
     finally:
         gc_pauses.close()
+        if turn_log is not None:
+            turn_log.close()
         engine.close()
 
 
@@ -166,30 +170,39 @@ class CommandIntake:
                 return
 
 
-def _serve(engine, commands, events, gc_pauses: GcPauseMeter) -> None:
+def _serve(engine, commands, events, gc_pauses: GcPauseMeter, turn_log: TurnLog | None = None) -> None:
     decoder = VideoDecoder()
     intake = CommandIntake(commands)
     last_stats = 0.0
     while True:
         idle = not engine.has_work() and not decoder.has_ready()
-        for command in _drain(intake.queue, block=idle):
+        taken = _drain(intake.queue, block=idle)
+        clock = TurnClock() if turn_log else NO_CLOCK  # after the drain: an idle wait is not part of a turn
+        for command in taken:
             if isinstance(command, Shutdown):
                 return
+            clock.took(command)
             if decoder.takes(command):
                 decoder.submit(command)
                 continue
-            for event in _safely(engine.handle, command):
-                events.put(event)
+            _send_all(events, _safely(engine.handle, command), clock)
         for decoded in decoder.take(DECODED_PIECES_PER_TURN):
-            for event in [decoded] if isinstance(decoded, StreamError) else _safely(engine.handle, decoded):
-                events.put(event)
+            _send_all(events, [decoded] if isinstance(decoded, StreamError) else _safely(engine.handle, decoded), clock)
+        clock.handled(engine.clips_total)
         if engine.has_work():  # clips still in preprocessing count: the step waits for them briefly
             with torch.inference_mode():
-                for event in engine.step():
-                    events.put(event)
+                _send_all(events, engine.step(), clock)
+        if turn_log is not None:
+            turn_log.record(clock.stepped(engine.clips_total, engine.pending_clips()))
         if time.monotonic() - last_stats >= STATS_INTERVAL_S:
             last_stats = time.monotonic()
             events.put(_stats(engine, intake, gc_pauses))
+
+
+def _send_all(events, outgoing, clock) -> None:
+    for event in outgoing:
+        clock.sent(event)
+        events.put(event)
 
 
 def _pieces(decoded):
