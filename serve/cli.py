@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 from serve.config import DEFAULT_MODEL_NAME, ServerConfig, resolve_model_parts
 from serve.placement import PlacementError, host_placement
@@ -179,6 +180,18 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     )
 
 
+def _unwritable(path: Path) -> str | None:
+    """Why a log file could not be appended to at ``path`` (None: it can), asked before the models load."""
+    if path.is_dir():
+        return "is a directory"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a"):
+            return None
+    except OSError as error:
+        return error.strerror or str(error)
+
+
 def _check(parser: argparse.ArgumentParser, config: ServerConfig) -> str:
     """Refuse bad settings; say which tenancy, capacity and placement the server runs with."""
     positive = {"--max-upload-mb": config.max_upload_mb, "--max-sessions": config.max_sessions,
@@ -192,6 +205,8 @@ def _check(parser: argparse.ArgumentParser, config: ServerConfig) -> str:
         parser.error("--preprocess-workers must be >= 0")
     if config.respond_probability is not None and not 0 <= config.respond_probability <= 1:
         parser.error("--respond-probability must be between 0 and 1")
+    if config.sidecar_turn_log and (problem := _unwritable(Path(config.sidecar_turn_log))):
+        parser.error(f"--sidecar-turn-log {config.sidecar_turn_log}: {problem}")
     try:  # a bad tenants or cost file stops the server here, before the models load
         directory = config.tenant_directory()
         capacity = config.stream_capacity()

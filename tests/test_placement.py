@@ -77,7 +77,7 @@ def test_the_server_refuses_a_gpu_placement_on_this_cpu_host_before_loading_anyt
     assert "--sidecar-device cuda:1" in done.stderr and "Traceback" not in done.stderr
 
 
-def test_engine_and_sidecar_options_reach_the_processes_that_use_them(default_checkpoint):
+def test_engine_and_sidecar_options_reach_the_processes_that_use_them(default_checkpoint, tmp_path):
     """--disable-custom-all-reduce (hosts where vLLM's CUDA-IPC all-reduce fails) reaches vLLM's engine arguments,
     --preprocess-workers the sidecar's configuration."""
     from serve.app import make_backends
@@ -97,10 +97,15 @@ def test_engine_and_sidecar_options_reach_the_processes_that_use_them(default_ch
     assert default.sidecar.config.kv_slots == 16 and default.sidecar.config.cuda_graphs
     tuned = backends("--sidecar-kv-slots", "512", "--no-cuda-graphs").sidecar.config
     assert tuned.kv_slots == 512 and not tuned.cuda_graphs
+    assert default.sidecar.config.turn_log is None
+    turn_log = str(tmp_path / "logs" / "turns.jsonl")
+    assert backends("--sidecar-turn-log", turn_log).sidecar.config.turn_log == turn_log
 
 
 @pytest.mark.parametrize(("flags", "message"), [(["--preprocess-workers", "-1"], "--preprocess-workers must be >= 0"),
-                                               (["--sidecar-kv-slots", "0"], "--sidecar-kv-slots must be >= 1")])
+                                               (["--sidecar-kv-slots", "0"], "--sidecar-kv-slots must be >= 1"),
+                                               (["--sidecar-turn-log", "/"], "--sidecar-turn-log /: is a directory"),
+                                               (["--sidecar-turn-log", "/proc/no/turns.jsonl"], "--sidecar-turn-log")])
 def test_bad_sidecar_sizes_are_usage_errors(default_checkpoint, flags, message):
     result = subprocess.run([sys.executable, "-m", "serve", "--checkpoint", str(default_checkpoint.checkpoint_dir),
                              *flags], capture_output=True, text=True, timeout=120)

@@ -45,12 +45,12 @@ def run_sidecar(config: SidecarConfig, commands, events) -> None:
         engine = _build_engine(config)
         captured = engine.capture_graphs()  # on a GPU: before the first stream, not during its steps
         log.info("sidecar CUDA graphs captured at start: %s", captured)
+        turn_log = TurnLog(config.turn_log) if config.turn_log else None
     except Exception as error:  # noqa: BLE001 - report any startup failure to the parent, then exit
         events.put(f"{type(error).__name__}: {error}\n{traceback.format_exc(limit=3)}")
         return
     freeze_startup_heap()  # the models' objects live as long as the process: no collection walks them again
     gc_pauses = GcPauseMeter()
-    turn_log = TurnLog(config.turn_log) if config.turn_log else None
     events.put(SidecarReady(device=config.device, model=config.part_dir, features=engine.features()))
     try:
         _serve(engine, commands, events, gc_pauses, turn_log)
