@@ -18,6 +18,9 @@ from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from load_streams import distribution  # noqa: E402
 
 from dispider_vllm.sidecar.turn_log import Turn, read_turns  # noqa: E402
 
@@ -38,13 +41,9 @@ def ends(turn: Turn) -> float:
     return turn.started + turn.handle_s + turn.step_s
 
 
-def quantiles(values: list[float]) -> dict:
-    if not values:
-        return {"count": 0}
-    ordered = sorted(values)
-    pick = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))]  # noqa: E731
-    return {"count": len(ordered), "p50": round(pick(0.5), 4), "p99": round(pick(0.99), 4),
-            "max": round(ordered[-1], 4), "total": round(sum(ordered), 3)}
+def with_total(values: list[float]) -> dict:
+    """load_streams' distribution, and the sum (how much of the run the loop spent on it)."""
+    return {**distribution(values), "total": round(sum(values), 3)}
 
 
 def run_turns(turns: list[Turn], run: dict) -> list[Turn]:
@@ -58,8 +57,8 @@ def overview(in_run: list[Turn], run: dict, top_gaps: int = 5) -> dict:
     t0 = run["started_unix"]
     gaps = sorted(((ends(a), b.started - ends(a)) for a, b in zip(in_run, in_run[1:])), key=lambda g: -g[1])
     return {"streams": run["streams"], "turns": len(in_run), "clips": sum(t.clips for t in in_run),
-            "step_s": quantiles([t.step_s for t in in_run if t.clips]),
-            "handle_s": quantiles([t.handle_s for t in in_run]),
+            "step_s": with_total([t.step_s for t in in_run if t.clips]),
+            "handle_s": with_total([t.handle_s for t in in_run]),
             "longest_gaps": [{"at_s": round(at - t0, 3), "gap_s": round(gap, 4)} for at, gap in gaps[:top_gaps]]}
 
 
@@ -112,8 +111,15 @@ def main(argv: list[str] | None = None) -> int:
     for path in (args.report, args.turns):
         if not path.is_file():
             raise SystemExit(f"{path}: no such file")
-    run = pick_run(json.loads(args.report.read_text()), args.streams)
-    summary = summarize(read_turns(args.turns), run)
+    try:
+        report = json.loads(args.report.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise SystemExit(f"{args.report}: not a load_streams.py JSON report ({error})") from None
+    run = pick_run(report, args.streams)
+    turns = read_turns(args.turns)
+    if not turns:
+        raise SystemExit(f"{args.turns}: no turns (not a sidecar turn log, or the sidecar did no work)")
+    summary = summarize(turns, run)
     if args.out:  # first: a reader that stops early (| head) still gets the file
         args.out.write_text(json.dumps(summary, indent=1))
     print_summary(summary)
@@ -123,4 +129,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except BrokenPipeError:  # the reader stopped early (| head): the JSON, if asked for, is written already
+        sys.stdout = None
+        sys.exit(0)

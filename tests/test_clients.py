@@ -269,3 +269,15 @@ def assert_numbers_finite(value, path="report") -> None:
             assert_numbers_finite(item, f"{path}[{index}]")
     elif isinstance(value, float):
         assert math.isfinite(value), path
+
+
+@pytest.mark.parametrize("broken", ["report", "turns"])
+def test_turn_timeline_refuses_what_it_cannot_read(tmp_path, broken):
+    """A report that is not JSON, or a turn log with no turns, is a one-line error, not a traceback."""
+    report, turns = tmp_path / "run.json", tmp_path / "turns.jsonl"
+    report.write_text("{" if broken == "report" else json.dumps({"runs": [{"streams": 2, "started_unix": 0.0,
+                                                                             "wall_s": 1.0, "decisions": {}}]}))
+    turns.write_text("not a turn\n" if broken == "turns" else '{"started": 0.5, "clips": 1, "step_s": 0.01}\n')
+    done = run_python("benchmarks/turn_timeline.py", str(report), str(turns))
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert ("not a load_streams.py JSON report" if broken == "report" else "no turns") in done.stderr
