@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from bisect import bisect_left, bisect_right
 from collections import Counter
 from pathlib import Path
 
@@ -62,6 +63,24 @@ def overview(in_run: list[Turn], run: dict, top_gaps: int = 5) -> dict:
             "longest_gaps": [{"at_s": round(at - t0, 3), "gap_s": round(gap, 4)} for at, gap in gaps[:top_gaps]]}
 
 
+def answer_cost(in_run: list[Turn], after_s: float = 0.3) -> dict:
+    """One-clip steps (the same work but for answers): those that emitted a trigger against those that did not,
+    and those that began within ``after_s`` of an earlier trigger (its answer's prefill then shares the GPU)."""
+    one_clip = [t for t in in_run if t.clips == 1]
+    triggered_at = [t.started for t in in_run if t.events.get("Triggered")]
+
+    def soon_after_trigger(turn: Turn) -> bool:  # a trigger in (started - after_s, started)
+        return bisect_left(triggered_at, turn.started) > bisect_right(triggered_at, turn.started - after_s)
+
+    quiet = [t for t in one_clip if not t.events.get("Triggered")]
+    return {"one_clip_steps_s": {
+        "emitting_a_trigger": distribution([t.step_s for t in one_clip if t.events.get("Triggered")]),
+        "without_a_trigger": distribution([t.step_s for t in quiet]),
+        f"within_{after_s:g}_s_after_a_trigger": distribution([t.step_s for t in quiet if soon_after_trigger(t)]),
+        "not_after_a_trigger": distribution([t.step_s for t in quiet if not soon_after_trigger(t)]),
+    }}
+
+
 def while_waiting(decision: dict, in_run: list[Turn], t0: float) -> dict:
     """What the sidecar did from the client's sending of the clip's last frame to its receipt of the decision."""
     start, end = t0 + decision["at_s"] - decision["client_s"], t0 + decision["at_s"]
@@ -79,7 +98,7 @@ def while_waiting(decision: dict, in_run: list[Turn], t0: float) -> dict:
 def summarize(turns: list[Turn], run: dict) -> dict:
     in_run = run_turns(turns, run)
     slowest = run["decisions"].get("slowest") or []
-    return {"run": overview(in_run, run),
+    return {"run": overview(in_run, run), "answers": answer_cost(in_run),
             "slowest": [while_waiting(decision, in_run, run["started_unix"]) for decision in slowest]}
 
 
@@ -89,6 +108,9 @@ def print_summary(summary: dict) -> None:
           f"command handling {run['handle_s']}")
     print("longest gaps between turns: " + ", ".join(f"{g['gap_s']:.3f} s at {g['at_s']:.1f} s"
                                                      for g in run["longest_gaps"]))
+    print("one-clip steps, median s (count): " + ", ".join(
+        f"{name.replace('_', ' ')} {dist['p50']} ({dist['count']})"
+        for name, dist in summary["answers"]["one_clip_steps_s"].items()))
     print("\nthe slowest decisions, and the sidecar's steps while each waited (at s: clips in step_s):")
     for item in summary["slowest"]:
         steps = ", ".join(f"{s['at_s']:.2f}: {s['clips']} in {s['step_s']:.3f}" for s in item["steps"])

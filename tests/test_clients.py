@@ -226,6 +226,11 @@ def test_load_benchmark_report_is_well_formed(dispider_server, tmp_path):
     assert done.returncode == 0, done.stdout + done.stderr
     summary = json.loads(timeline.read_text())
     assert summary["run"]["clips"] == 4 and summary["run"]["step_s"]["count"] >= 1
+    one_clip = summary["answers"]["one_clip_steps_s"]  # every one-clip step in exactly one of each split
+    one_clip_steps = one_clip["emitting_a_trigger"]["count"] + one_clip["without_a_trigger"]["count"]
+    assert one_clip_steps <= summary["run"]["step_s"]["count"]
+    assert one_clip["without_a_trigger"]["count"] == (one_clip["within_0.3_s_after_a_trigger"]["count"]
+                                                      + one_clip["not_after_a_trigger"]["count"])
     assert sorted((d["stream"], d["clip"]) for d in summary["slowest"]) == [(0, 0), (0, 1), (1, 0), (1, 1)]
     for waited in summary["slowest"]:  # its own step and the frame that closed its clip fall in its wait
         assert sum(step["clips"] for step in waited["steps"]) >= 1 and waited["commands"].get("PushFrames"), waited
