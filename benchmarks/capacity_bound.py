@@ -11,7 +11,8 @@ A live stream asks the GPU for two kinds of work: perception and decision of one
 every ``respond_every`` clips. Each has a measured ceiling on the GPU, reached only with the engine to itself and
 fully batched:
 
-- ``--sidecar``: ``sidecar_bench.py``'s clips/s (batches of 64 clips, perception + decision + trigger work);
+- ``--sidecar``: ``sidecar_bench.py``'s clips/s (batches of 64 clips, perception + decision + trigger work), of
+  its run ``--sidecar-run`` (``ours``, or ``ours_fp8`` from ``--compare-fp8``);
 - ``--reaction``: ``plain_vllm_bench.py --arrivals burst``'s ``completed_per_s`` (vLLM's own Qwen2-7B, every
   answer's prompt and decode batched as the engine likes; our reaction model is this decoder plus projectors, so
   it is no faster).
@@ -66,7 +67,10 @@ def sidecar_needed(streams: float, answers_per_s: float, respond_every: int) -> 
 
 def bound_report(args: argparse.Namespace) -> dict:
     sidecar, reaction, reference = load(args.sidecar), load(args.reaction), load(args.reference)
-    clips_per_s = sidecar["ours"]["clips_per_s"]
+    if args.sidecar_run not in sidecar:
+        raise SystemExit(f"capacity_bound: {args.sidecar} has no run {args.sidecar_run!r} "
+                         f"(runs: {', '.join(k for k in sidecar if k.startswith('ours'))})")
+    clips_per_s = sidecar[args.sidecar_run]["clips_per_s"]
     answers_per_s = reaction_ceiling(reaction)
     respond_every = reference["config"]["respond_every"]
     reference_streams = reference["with_reaction"]["realtime_streams"]
@@ -76,7 +80,9 @@ def bound_report(args: argparse.Namespace) -> dict:
     report = {
         "benchmark": "capacity_bound",
         "device": sidecar.get("device"),
-        "inputs": {"sidecar": str(args.sidecar), "reaction": str(args.reaction), "reference": str(args.reference)},
+        "inputs": {"sidecar": str(args.sidecar), "sidecar_run": args.sidecar_run, "reaction": str(args.reaction),
+                   "reference": str(args.reference)},
+        "reaction_quantization": reaction.get("config", {}).get("quantization"),
         "respond_every": respond_every,
         "sidecar_clips_per_s": round(clips_per_s, 3),
         "sidecar_alone_streams": round(CLIP_SECONDS * clips_per_s, 1),
@@ -130,6 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=__doc__.split("\n\n", 1)[1] if __doc__ else None,
     )
     parser.add_argument("--sidecar", type=Path, required=True, help="sidecar_bench.py JSON")
+    parser.add_argument("--sidecar-run", default="ours", metavar="RUN",
+                        help="which run of the sidecar report: ours (default), ours_fp8 (--compare-fp8), ours_unfused")
     parser.add_argument("--reaction", type=Path, required=True, help="plain_vllm_bench.py --arrivals burst JSON")
     parser.add_argument("--reference", type=Path, required=True, help="reference_bench.py JSON")
     parser.add_argument("--ours", type=Path, help="load_streams.py sweep JSON (the measured largest real-time N)")

@@ -3,6 +3,8 @@
 #   graphs:    the sidecar's small-batch steps with CUDA graphs vs eager, and their outputs compared (graph_bench.py);
 #   sidecar:   sidecar capacity vs reference-style perception+decision, fused kernels on and off (sidecar_bench.py);
 #   reference: the reference-style computation with its blocking reaction (reference_bench.py);
+#   fp8:       the sidecar with and without FP8 matmuls (sidecar_bench.py --compare-fp8), plain vLLM's burst ceiling
+#              in bf16 and with --quantization fp8, and the capacity bound of each pair (capacity_bound.py);
 #   burst:     the reaction's throughput ceiling: plain vLLM, BURST_N answers at once (plain_vllm_bench.py --arrivals
 #              burst), then the one-GPU capacity bound from it and the sidecar's ceiling (capacity_bound.py);
 #   mps:       the same server and sweep (MPS_N) under a CUDA MPS daemon started for it and stopped after: the
@@ -17,7 +19,8 @@
 #
 # Each step writes its JSON into the results folder as soon as it ends, so a run cut short keeps what finished.
 # Stream counts and durations: OURS_N, MPS_N, BLOCKING_N, PLAIN_N, DURATION (ours, mps), BASE_DURATION (the others);
-# MPS_SERVER_ARGS: more server options for the mps step (e.g. --reaction-mps-priority normal);
+# MPS_SERVER_ARGS: more server options for the mps step (e.g. --reaction-mps-priority normal), MPS_OUT its report's
+# name (default streams_mps_h200.json);
 # MAX_TOKENS (answer length of ours and blocking, default 32).
 set -uo pipefail
 RESULTS=${1:-/tmp/h200-results}
@@ -52,6 +55,24 @@ if wants reference; then
   say "reference: reference-style computation with its blocking reaction"
   python3 "$here/reference_bench.py" --out "$RESULTS/reference_h200.json"
 fi
+if wants fp8; then
+  say "fp8: the sidecar in bf16 and fp8; plain vLLM's burst ceiling in bf16 and fp8 (${BURST_N:-64 256} answers)"
+  python3 "$here/sidecar_bench.py" --streams 512 --rounds 4 --history 8 --batch 64 --compare-fp8 \
+    --out "$RESULTS/sidecar_fp8_h200.json"
+  for precision in bf16 fp8; do
+    quantization=(); [[ $precision == fp8 ]] && quantization=(--quantization fp8)
+    # shellcheck disable=SC2086
+    python3 "$here/plain_vllm_bench.py" --arrivals burst --streams ${BURST_N:-64 256} "${quantization[@]}" \
+      --out "$RESULTS/plain_vllm_burst_${precision}_h200.json"
+  done
+  reference=$RESULTS/reference_h200.json; [[ -f $reference ]] || reference=$here/results/reference_h200.json
+  python3 "$here/capacity_bound.py" --sidecar "$RESULTS/sidecar_fp8_h200.json" --sidecar-run ours \
+    --reaction "$RESULTS/plain_vllm_burst_bf16_h200.json" --reference "$reference" \
+    --out "$RESULTS/capacity_bound_bf16_h200.json"
+  python3 "$here/capacity_bound.py" --sidecar "$RESULTS/sidecar_fp8_h200.json" --sidecar-run ours_fp8 \
+    --reaction "$RESULTS/plain_vllm_burst_fp8_h200.json" --reference "$reference" \
+    --out "$RESULTS/capacity_bound_fp8_h200.json"
+fi
 if wants burst; then
   say "burst: the reaction's throughput ceiling, ${BURST_N:-64 256} answers at once"
   # shellcheck disable=SC2086
@@ -76,7 +97,7 @@ if wants mps; then
     if bash "$here/h200_streams.sh" start ${MPS_SERVER_ARGS:-}; then
       nvidia-smi --query-compute-apps=pid,process_name,used_memory --format=csv || true
       # shellcheck disable=SC2086
-      sweep "$RESULTS/streams_mps_h200.json" "${DURATION:-96}" --max-tokens "${MAX_TOKENS:-32}" --sweep ${MPS_N:-1 256 384 448 512}
+      sweep "$RESULTS/${MPS_OUT:-streams_mps_h200.json}" "${DURATION:-96}" --max-tokens "${MAX_TOKENS:-32}" --sweep ${MPS_N:-1 256 384 448 512}
       bash "$here/h200_streams.sh" stop
       sleep 5
     fi

@@ -150,6 +150,7 @@ def build_engine(model_dir: Path, args: argparse.Namespace):
         model=str(model_dir),
         load_format="dummy",  # random weights: nothing to download, the speed of the real shapes
         dtype="float32" if args.tiny else "bfloat16",
+        quantization=args.quantization,
         max_model_len=args.max_model_len,
         gpu_memory_utilization=args.gpu_memory_utilization,
         enforce_eager=args.enforce_eager or args.tiny,
@@ -399,6 +400,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="after the last trigger, wait at most S s for the answers (default 120)")
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.85, metavar="F", help="default 0.85")
     parser.add_argument("--max-model-len", type=int, default=8192, metavar="T", help="default 8192")
+    parser.add_argument("--quantization", choices=["fp8"],
+                        help="fp8: vLLM's online FP8 of the bf16 weights, as dispider-serve --quantization fp8 "
+                             "(a GPU of compute capability 8.9+)")
     parser.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs (always on with --tiny)")
     parser.add_argument("--tiny", action="store_true",
                         help="tiny Qwen2 (hidden 256, 2 layers, head_dim 64) on the CPU: a smoke run, not a figure")
@@ -416,6 +420,8 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
     if args.prompt_tokens + args.max_tokens > args.max_model_len:
         parser.error(f"--prompt-tokens + --max-tokens ({args.prompt_tokens + args.max_tokens}) exceeds "
                      f"--max-model-len {args.max_model_len}")
+    if args.quantization and args.tiny:
+        parser.error(f"--quantization {args.quantization} needs a GPU; --tiny runs on the CPU")
 
 
 def build_report(args: argparse.Namespace, engine: dict, runs: list[dict], started: float) -> dict:
@@ -428,7 +434,7 @@ def build_report(args: argparse.Namespace, engine: dict, runs: list[dict], start
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
         "command": "python benchmarks/plain_vllm_bench.py " + " ".join(sys.argv[1:]),
         "vllm": vllm.__version__,
-        "shapes": "tiny Qwen2 (float32)" if args.tiny else "Qwen2-7B (dummy weights, bf16)",
+        "shapes": "tiny Qwen2 (float32)" if args.tiny else f"Qwen2-7B (dummy weights, {args.quantization or 'bf16'})",
         "model_config": TINY if args.tiny else QWEN2_7B,
         "config": {
             "stream_counts": args.streams, "duration_s": args.duration, "respond_every": args.respond_every,
@@ -438,6 +444,7 @@ def build_report(args: argparse.Namespace, engine: dict, runs: list[dict], start
             "temperature": 0.0, "drain_timeout_s": args.drain_timeout,
             "gpu_memory_utilization": args.gpu_memory_utilization, "max_model_len": args.max_model_len,
             "enforce_eager": args.enforce_eager or args.tiny, "prefix_caching": True, "chunked_prefill": True,
+            "quantization": args.quantization,
             "seed": args.seed, "max_p99_ttft_s": MAX_P99_TTFT_S,
         },
         "engine": engine,

@@ -57,7 +57,7 @@ def sync(device: torch.device) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- ours
-def run_ours(modules, pixels, args, device) -> dict:
+def run_ours(modules, pixels, args, device, *, fp8: bool = False, profile: bool = False) -> dict:
     engine = SidecarEngine(
         modules,
         max_batch_clips=args.batch,
@@ -65,6 +65,7 @@ def run_ours(modules, pixels, args, device) -> dict:
             max_kept_clips=args.kept_clips, initial_kv_slots=args.streams, initial_kv_tokens=2048
         ),
         respond_policy=staggered_policy(args.respond_every),
+        fp8=fp8,
     )
     for s in range(args.streams):
         engine.handle(OpenStream(f"s{s}", "Tell me when something changes in the scene."))
@@ -89,7 +90,7 @@ def run_ours(modules, pixels, args, device) -> dict:
         if round_index >= warmup:
             timings.append(elapsed)
         print(f"[sidecar-bench] ours: round {round_index}: {args.streams} clips in {elapsed:.3f} s", flush=True)
-    if args.profile and not args.compare_unfused_running:
+    if profile:
         profile_steps(engine, pixels, args, device)
     clips = args.streams * args.rounds
     seconds = sum(timings)
@@ -107,6 +108,7 @@ def run_ours(modules, pixels, args, device) -> dict:
         "step_ms_max": max(step_ms),
         "triggers": triggers,
         "fused_kernels": engine.encoder.lm.fused,
+        "quantization": "fp8" if fp8 else None,
     }
     if device.type == "cuda":
         result["gpu_peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
@@ -116,17 +118,27 @@ def run_ours(modules, pixels, args, device) -> dict:
 def run_unfused(modules, pixels, args, device) -> dict:
     """Ours again with vLLM's fused kernels off: the same engine on plain-torch elementwise kernels."""
     os.environ["DISPIDER_FUSED_OPS"] = "0"
-    args.compare_unfused_running = True
     try:
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
+        fresh_peak_memory(device)
         result = run_ours(modules, pixels, args, device)
     finally:
         os.environ.pop("DISPIDER_FUSED_OPS")
-        args.compare_unfused_running = False
     print(f"[sidecar-bench] ours, unfused kernels: {result}", flush=True)
     return result
+
+
+def run_fp8(modules, pixels, args, device) -> dict:
+    """Ours again with --sidecar-quantization fp8: the same engine, its matmuls in FP8 (dispider_vllm/fp8.py)."""
+    fresh_peak_memory(device)
+    result = run_ours(modules, pixels, args, device, fp8=True)
+    print(f"[sidecar-bench] ours, fp8: {result}", flush=True)
+    return result
+
+
+def fresh_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
 
 
 def profile_steps(engine, pixels, args, device) -> None:
@@ -260,10 +272,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compare-unfused", action="store_true",
                         help="also run ours with vLLM's fused kernels off (DISPIDER_FUSED_OPS=0): the plain-torch "
                              "elementwise baseline, in the same run")
+    parser.add_argument("--compare-fp8", action="store_true",
+                        help="also run ours with its matmuls in FP8 (dispider-serve --sidecar-quantization fp8)")
     parser.add_argument("--profile", type=Path, metavar="FILE",
                         help="after the measured rounds, profile one more round and write the op tables here")
     args = parser.parse_args(argv)
-    args.compare_unfused_running = False
 
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -273,9 +286,10 @@ def main(argv: list[str] | None = None) -> int:
 
     reference = run_reference(modules, pixels, args, device)
     print(f"[sidecar-bench] reference-style: {reference}", flush=True)
-    ours = run_ours(modules, pixels, args, device)
+    ours = run_ours(modules, pixels, args, device, profile=args.profile is not None)
     print(f"[sidecar-bench] ours: {ours}", flush=True)
     unfused = run_unfused(modules, pixels, args, device) if args.compare_unfused else None
+    fp8 = run_fp8(modules, pixels, args, device) if args.compare_fp8 else None
     report = {
         "benchmark": "sidecar",
         "device": device_name(device),
@@ -290,6 +304,10 @@ def main(argv: list[str] | None = None) -> int:
     if unfused is not None:
         report["ours_unfused"] = unfused
         report["fused_speedup"] = ours["clips_per_s"] / unfused["clips_per_s"]
+    if fp8 is not None:
+        report["ours_fp8"] = fp8
+        report["fp8_speedup"] = fp8["clips_per_s"] / ours["clips_per_s"]
+        report["fp8_capacity_ratio"] = fp8["realtime_streams"] / reference["realtime_streams"]
     if args.measure_preprocess:
         report["host_preprocess"] = measure_preprocess()
     report["meets_targets"] = report["capacity_ratio"] >= 5 and ours["realtime_streams"] >= 800
@@ -301,6 +319,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'dispider-vllm':18} {ours['clips_per_s']:9.2f} {ours['realtime_streams']:14.1f}")
     if unfused is not None:
         print(f"{'  unfused kernels':18} {unfused['clips_per_s']:9.2f} {unfused['realtime_streams']:14.1f}")
+    if fp8 is not None:
+        print(f"{'  fp8':18} {fp8['clips_per_s']:9.2f} {fp8['realtime_streams']:14.1f}")
     print(f"capacity ratio {report['capacity_ratio']:.1f}x")
     return 0
 

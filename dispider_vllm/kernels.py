@@ -110,8 +110,8 @@ class Rotary:
             heads.copy_(torch.cat((rotated_first, rotated_second), dim=-1))
 
 
-def merged_linear(module: nn.Module, name: str, linears: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One weight (and bias) for several linears that read the same input, so they run as one matmul.
+def merged_linear(module: nn.Module, name: str, linears: list[nn.Linear]) -> nn.Linear:
+    """One linear for several that read the same input, so they run as one matmul.
 
     The linears' own parameters become views into the merged tensors (no second copy of the weights, and the
     transformers module keeps working); the result is cached on ``module`` so every caller shares it.
@@ -131,5 +131,9 @@ def merged_linear(module: nn.Module, name: str, linears: list[nn.Linear]) -> tup
         if bias is not None:
             linear.bias.data = bias[row : row + rows]
         row += rows
-    module.__dict__[name] = (weight, bias)
-    return weight, bias
+    merged = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")  # no allocation
+    merged.weight = nn.Parameter(weight, requires_grad=False)
+    if bias is not None:
+        merged.bias = nn.Parameter(bias, requires_grad=False)
+    module.__dict__[name] = merged
+    return merged

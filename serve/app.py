@@ -105,6 +105,7 @@ def make_backends(config: ServerConfig, parts: ModelParts) -> Backends:
         kv_slots=config.sidecar_kv_slots,
         cuda_graphs=config.cuda_graphs,
         turn_log=config.sidecar_turn_log,
+        quantization=config.sidecar_quantization,
     ))
     engine = ReactionEngine(ReactionEngineConfig(
         model_dir=str(parts.reaction_dir),
@@ -118,6 +119,7 @@ def make_backends(config: ServerConfig, parts: ModelParts) -> Backends:
         cpu_kv_cache_gib=config.cpu_kv_cache_gib,
         scheduling_policy=config.scheduling_policy,
         mps_client_priority=config.reaction_mps_priority,
+        quantization=config.quantization,
     ))
     return Backends(sidecar, engine, placement)
 

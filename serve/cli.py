@@ -84,6 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="when the sidecar shares the reaction's GPU under a CUDA MPS daemon: the reaction's "
                              "client priority (default below_normal: perception and decision kernels go first; "
                              "the sidecar always runs at normal). Without MPS it does nothing (README: GPUs)")
+    engine.add_argument("--quantization", choices=["fp8"],
+                        help="fp8: the reaction model's weights and activations in FP8 (vLLM's online dynamic FP8 "
+                             "of the bf16 checkpoint; a GPU of compute capability 8.9+, e.g. H100/H200, L40S). "
+                             "Faster prefill, changed numerics; default off")
 
     sidecar = parser.add_argument_group("sidecar (perception and decision)")
     sidecar.add_argument("--sidecar-device", default="auto", metavar="DEVICE",
@@ -106,6 +110,10 @@ def build_parser() -> argparse.ArgumentParser:
                          help="write a JSON line for every turn of the sidecar's loop (commands taken in, step time, "
                               "clips) to PATH, to lay slow decisions against (benchmarks/turn_timeline.py); off by "
                               "default")
+    sidecar.add_argument("--sidecar-quantization", choices=["fp8"],
+                         help="fp8: the sidecar's matmuls (CLIP, projector, compact LLM) with FP8 weights and "
+                              "per-call FP8 activations (dispider_vllm/fp8.py; on a GPU it needs compute capability "
+                              "8.9+). Faster perception and decision, changed numerics; default off")
     sidecar.add_argument("--max-batch-clips", type=int, default=defaults.max_batch_clips, metavar="N",
                          help=f"clips of all streams perceived in one batch (default {defaults.max_batch_clips})")
     forced = sidecar.add_mutually_exclusive_group()
@@ -168,6 +176,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         sidecar_device=args.sidecar_device, sidecar_threads=args.sidecar_threads,
         preprocess_workers=args.preprocess_workers, sidecar_kv_slots=args.sidecar_kv_slots,
         cuda_graphs=args.cuda_graphs, sidecar_turn_log=args.sidecar_turn_log,
+        sidecar_quantization=args.sidecar_quantization, quantization=args.quantization,
         max_batch_clips=args.max_batch_clips, respond_every=args.respond_every,
         respond_probability=args.respond_probability,
         default_max_tokens=args.default_max_tokens, max_upload_mb=args.max_upload_mb,
@@ -216,6 +225,8 @@ def _check(parser: argparse.ArgumentParser, config: ServerConfig) -> str:
         placement = host_placement(config)
     except PlacementError as error:
         parser.error(str(error))
+    if config.quantization and placement.reaction_devices[0] == "cpu":
+        parser.error(f"--quantization {config.quantization} needs a GPU: vLLM runs the reaction on the CPU here")
     tenants = "open mode (no API keys)" if directory.open else f"{len(directory.tenants)} tenants"
     summary = (f"{tenants}; capacity {capacity} streams; reaction on {', '.join(placement.reaction_devices)}, "
                f"sidecar on {placement.sidecar_device}")

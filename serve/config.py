@@ -31,6 +31,7 @@ class ServerConfig:
     cpu_kv_cache_gib: int = 1
     scheduling_policy: str = "fcfs"  # "priority": reactions are ordered by their tenant's priority
     reaction_mps_priority: str = "below_normal"  # under CUDA MPS: the reaction's kernels queue behind the sidecar's
+    quantization: str | None = None  # "fp8": vLLM's online FP8 for the reaction model (GPU only)
     # sidecar (perception + decision)
     sidecar_device: str = "auto"
     sidecar_threads: int | None = None
@@ -38,6 +39,7 @@ class ServerConfig:
     sidecar_kv_slots: int = 16  # streams whose decision KV caches the sidecar allocates up front
     cuda_graphs: bool = True  # the sidecar's small steps from CUDA graphs (GPU only)
     sidecar_turn_log: str | None = None  # a JSON line per sidecar turn here (latency analysis)
+    sidecar_quantization: str | None = None  # "fp8": the sidecar's matmuls in FP8 (dispider_vllm/fp8.py)
     max_batch_clips: int = 32
     respond_every: int | None = None
     respond_probability: float | None = None  # or answer each clip with this probability

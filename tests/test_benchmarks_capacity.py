@@ -59,3 +59,15 @@ def test_the_command_line_writes_json_and_refuses_a_non_burst_reaction_report(tm
                               *write_inputs(tmp_path, clips_per_s=40.0, answers_per_s=5.0, arrivals="poisson")],
                              capture_output=True, text=True, timeout=60)
     assert refused.returncode != 0 and "--arrivals burst" in refused.stderr
+
+
+def test_the_bound_of_another_sidecar_run_and_a_clear_error_for_a_run_the_report_lacks(tmp_path):
+    inputs = write_inputs(tmp_path, clips_per_s=40.0, answers_per_s=5.0)
+    sidecar = tmp_path / "sidecar.json"
+    sidecar.write_text(json.dumps({"device": "test GPU", "ours": {"clips_per_s": 40.0},
+                                   "ours_fp8": {"clips_per_s": 80.0}}))
+    fp8 = capacity_bound.bound_report(capacity_bound.build_parser().parse_args([*inputs, "--sidecar-run", "ours_fp8"]))
+    assert fp8["sidecar_clips_per_s"] == 80.0 and fp8["inputs"]["sidecar_run"] == "ours_fp8"
+    assert fp8["bound_streams"] == pytest.approx(1 / (1 / (16 * 80.0) + 1 / (16 * 8 * 5.0)), abs=0.05)
+    with pytest.raises(SystemExit, match="no run 'ours_unfused' .*runs: ours, ours_fp8"):
+        capacity_bound.bound_report(capacity_bound.build_parser().parse_args([*inputs, "--sidecar-run", "ours_unfused"]))

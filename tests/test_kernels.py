@@ -53,12 +53,13 @@ def test_merged_linear_keeps_one_copy_of_the_weights_and_the_module_working():
     linears = [nn.Linear(8, rows) for rows in (8, 4, 4)]
     x = torch.randn(2, 8)
     before = [linear(x) for linear in linears]
-    weight, bias = kernels.merged_linear(owner, "_qkv", linears)
-    assert kernels.merged_linear(owner, "_qkv", linears)[0] is weight  # cached: a second caller shares it
+    merged = kernels.merged_linear(owner, "_qkv", linears)
+    assert kernels.merged_linear(owner, "_qkv", linears) is merged  # cached: a second caller shares it
+    weight = merged.weight
     assert linears[1].weight.data_ptr() == weight[8:12].data_ptr()  # a view, not a copy
     for linear, want in zip(linears, before):
         torch.testing.assert_close(linear(x), want)
-    torch.testing.assert_close(nn.functional.linear(x, weight, bias), torch.cat(before, dim=-1))
+    torch.testing.assert_close(merged(x), torch.cat(before, dim=-1))
 
 
 def test_encoder_agrees_with_and_without_fused_kernels(monkeypatch):

@@ -77,6 +77,13 @@ def test_the_server_refuses_a_gpu_placement_on_this_cpu_host_before_loading_anyt
     assert "--sidecar-device cuda:1" in done.stderr and "Traceback" not in done.stderr
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a CPU host")
+def test_fp8_for_the_reaction_is_refused_where_vllm_runs_on_the_cpu(default_checkpoint):
+    done = subprocess.run([sys.executable, "-m", "serve", "--checkpoint", str(default_checkpoint.checkpoint_dir),
+                           "--quantization", "fp8"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "--quantization fp8 needs a GPU" in done.stderr, done.stderr
+
+
 def test_engine_and_sidecar_options_reach_the_processes_that_use_them(default_checkpoint, tmp_path):
     """--disable-custom-all-reduce (hosts where vLLM's CUDA-IPC all-reduce fails) reaches vLLM's engine arguments,
     --preprocess-workers the sidecar's configuration."""
@@ -100,12 +107,15 @@ def test_engine_and_sidecar_options_reach_the_processes_that_use_them(default_ch
     assert default.sidecar.config.turn_log is None
     turn_log = str(tmp_path / "logs" / "turns.jsonl")
     assert backends("--sidecar-turn-log", turn_log).sidecar.config.turn_log == turn_log
+    assert default.sidecar.config.quantization is None and default.engine.engine_args().quantization is None
+    assert backends("--sidecar-quantization", "fp8").sidecar.config.quantization == "fp8"
 
 
 @pytest.mark.parametrize(("flags", "message"), [(["--preprocess-workers", "-1"], "--preprocess-workers must be >= 0"),
                                                (["--sidecar-kv-slots", "0"], "--sidecar-kv-slots must be >= 1"),
                                                (["--sidecar-turn-log", "/"], "--sidecar-turn-log /: is a directory"),
-                                               (["--sidecar-turn-log", "/proc/no/turns.jsonl"], "--sidecar-turn-log")])
+                                               (["--sidecar-turn-log", "/proc/no/turns.jsonl"], "--sidecar-turn-log"),
+                                               (["--sidecar-quantization", "int4"], "invalid choice: 'int4'")])
 def test_bad_sidecar_sizes_are_usage_errors(default_checkpoint, flags, message):
     result = subprocess.run([sys.executable, "-m", "serve", "--checkpoint", str(default_checkpoint.checkpoint_dir),
                              *flags], capture_output=True, text=True, timeout=120)

@@ -112,6 +112,27 @@ def test_one_stream_clips_decisions_triggers_and_end(modules, part_dir, frames):
     assert all(e.latency_s >= 0 for e in events if isinstance(e, (Decision, Triggered)))
 
 
+def test_an_fp8_engine_perceives_and_decides_the_same_clips_with_close_logits(modules, part_dir, frames):
+    """--sidecar-quantization fp8: the same clips, triggers and retrievals; the logits move a little."""
+    rows = {}
+    for fp8 in (False, True):
+        engine = new_engine(modules, part_dir, fp8=fp8)
+        try:
+            events = engine.handle(OpenStream("a", "What changes in the scene?"))
+            events += feed(engine, "a", frames)
+            rows[fp8] = outcomes(run_until_idle(engine, events), "a")
+            assert engine.features()["quantization"] == ("fp8" if fp8 else None)
+            if fp8:  # perception's and decision's views of the one compact LLM share one FP8 copy of it
+                assert engine.decision.lm._qkv[0] is engine.encoder.lm._qkv[0]
+        finally:
+            engine.close()
+    assert [(r[0], r[2], r[3]) for r in rows[True]] == [(r[0], r[2], r[3]) for r in rows[False]]
+    exact, approximate = [r[1] for r in rows[False]], [r[1] for r in rows[True]]
+    print("logits exact", exact, "fp8", approximate)
+    assert exact != approximate
+    assert max(abs(a - b) for a, b in zip(exact, approximate)) < 0.5
+
+
 def test_streams_batched_together_match_each_stream_alone(modules, part_dir, frames):
     questions = {"a": "What changes in the scene?", "b": "Is there a red square?", "c": "Describe the motion."}
     shifted = {

@@ -44,6 +44,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import Qwen2Model
 
 from .. import kernels
+from ..fp8 import fp8_linear
 from ..cuda_graphs import GraphCache, StaticShapes, copy_from_host, cuda_graphs_enabled
 
 AttendFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -169,7 +170,7 @@ class CompactLM:
     """
 
     def __init__(self, language_model: Qwen2Model, *, fused: bool = True, cuda_graphs: bool = True,
-                 max_graph_batch: int = 16, max_graph_length: int = 256):
+                 max_graph_batch: int = 16, max_graph_length: int = 256, fp8: bool = False):
         config = language_model.config
         rope = getattr(config, "rope_parameters", None) or {"rope_type": "default",
                                                              "rope_theta": getattr(config, "rope_theta", 1e4)}
@@ -195,6 +196,12 @@ class CompactLM:
                      layer.self_attn.k_proj, layer.self_attn.v_proj]) for layer in language_model.layers]
         self._gate_up = [kernels.merged_linear(layer.mlp, "_dispider_gate_up", [layer.mlp.gate_proj,
                          layer.mlp.up_proj]) for layer in language_model.layers]
+        self._o_proj = [layer.self_attn.o_proj for layer in language_model.layers]
+        self._down_proj = [layer.mlp.down_proj for layer in language_model.layers]
+        self.fp8 = fp8  # the four matmuls of each layer with FP8 weights (dispider_vllm/fp8.py)
+        if fp8:
+            for linears in (self._qkv, self._gate_up, self._o_proj, self._down_proj):
+                linears[:] = [fp8_linear(linear) for linear in linears]
         self.cuda_graphs = cuda_graphs_enabled(cuda_graphs) and max_graph_batch > 0
         self.graph_shapes = StaticShapes(max_batch=max_graph_batch if self.cuda_graphs else 0,
                                          length_multiple=32, max_length=max_graph_length)
@@ -405,7 +412,7 @@ class CompactLM:
         residual = embeds
         normed = kernels.rms_norm(embeds, layers[0].input_layernorm.weight, self.eps, fused=self.fused)
         for index, layer in enumerate(layers):
-            qkv = F.linear(normed, *self._qkv[index])
+            qkv = self._qkv[index](normed)
             q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
             self.rotary.apply_(flat_positions, q.view(batch * length, q_size), k.view(batch * length, kv_size),
                                max_position=max_position)
@@ -413,7 +420,7 @@ class CompactLM:
             k = k.view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
             v = v.view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
             out = attend(index, q, k, v).transpose(1, 2).reshape(batch, length, q_size)
-            normed, residual = kernels.add_rms_norm(layer.self_attn.o_proj(out), residual,
+            normed, residual = kernels.add_rms_norm(self._o_proj[index](out), residual,
                                                     layer.post_attention_layernorm.weight, self.eps, fused=self.fused)
             next_norm = layers[index + 1].input_layernorm if index + 1 < len(layers) else self.model.norm
             normed, residual = kernels.add_rms_norm(self._mlp(index, layer, normed), residual, next_norm.weight,
@@ -423,5 +430,5 @@ class CompactLM:
     def _mlp(self, index: int, layer, normed: torch.Tensor) -> torch.Tensor:
         if not self.silu_gate:
             return layer.mlp(normed)
-        gate_up = F.linear(normed, *self._gate_up[index])
-        return layer.mlp.down_proj(kernels.silu_and_mul(gate_up, fused=self.fused))
+        gate_up = self._gate_up[index](normed)
+        return self._down_proj[index](kernels.silu_and_mul(gate_up, fused=self.fused))

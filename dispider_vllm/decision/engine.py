@@ -66,6 +66,7 @@ class DecisionConfig:
     # GPU (compact_lm's module docstring); DISPIDER_CUDA_GRAPHS=0 turns them off too. Unused when an lm is passed.
     cuda_graphs: bool = True
     max_graph_batch: int = 16
+    fp8: bool = False  # the compact LM's matmuls with FP8 weights (dispider_vllm/fp8.py); unused when an lm is passed
 
     def __post_init__(self) -> None:
         if self.max_context_clips is not None:
@@ -111,7 +112,7 @@ class DecisionEngine:
         self.config = config or DecisionConfig()
         self.force_respond = force_respond
         self.lm = lm or CompactLM(modules.language_model, cuda_graphs=self.config.cuda_graphs,
-                                  max_graph_batch=self.config.max_graph_batch)
+                                  max_graph_batch=self.config.max_graph_batch, fp8=self.config.fp8)
         self.pool: KVPool = self.lm.new_pool(slots=self.config.initial_kv_slots,
                                              capacity=self.config.initial_kv_tokens)
         with torch.inference_mode():

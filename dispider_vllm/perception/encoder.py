@@ -21,14 +21,17 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.profiler import record_function
 
 from .. import kernels
 from ..cuda_graphs import GraphCache, StaticShapes, copy_from_host, cuda_graphs_enabled
 from ..decision.compact_lm import CompactLM
+from ..fp8 import fp8_linear, fp8_sequential
 from ..types import Clip, ClipFeatures
 from .modules import PerceptionDecisionModules
 
@@ -72,6 +75,15 @@ class PerceptionBucket:
     clips: int
     length: int
     clip_shape: tuple[int, ...]  # [frames, 3, H, W]
+
+
+class _ClipLinears(NamedTuple):
+    """One CLIP layer's matmuls: q/k/v merged into one, the attention's output, the MLP's two."""
+
+    qkv: nn.Module
+    out: nn.Module
+    fc1: nn.Module
+    fc2: nn.Module
 
 
 @dataclass
@@ -128,9 +140,9 @@ class PerceptionEncoder:
 
     def __init__(self, modules: PerceptionDecisionModules, *, max_frames_per_batch: int = 256,
                  max_clips_per_pass: int = 16, raw_device: str | torch.device = "cpu", lm: CompactLM | None = None,
-                 cuda_graphs: bool = True, max_graph_clips: int = 8):
+                 cuda_graphs: bool = True, max_graph_clips: int = 8, fp8: bool = False):
         self.modules = modules
-        self.lm = lm or CompactLM(modules.language_model)
+        self.lm = lm or CompactLM(modules.language_model, fp8=fp8)
         self.cuda_graphs = cuda_graphs_enabled(cuda_graphs) and max_graph_clips > 0
         self.graph_shapes = StaticShapes(max_batch=max_graph_clips if self.cuda_graphs else 0, length_multiple=32,
                                          max_length=4096)
@@ -146,8 +158,18 @@ class PerceptionEncoder:
         # hidden_states has num_layers + 1 entries (0 = embeddings): run only the layers the select layer needs.
         self._layers_to_run = modules.select_layer % (num_layers + 1)
         self._quick_gelu = self._tower.config.hidden_act == "quick_gelu"  # else the layers run as transformers'
-        self._clip_qkv = [kernels.merged_linear(layer.self_attn, "_dispider_qkv", [layer.self_attn.q_proj,
-                          layer.self_attn.k_proj, layer.self_attn.v_proj]) for layer in self._tower.encoder.layers]
+        self._clip_linears = [self._layer_linears(layer, fp8) for layer in self._tower.encoder.layers]
+        # fp8: the CLIP layers' and the projector's matmuls with FP8 weights (dispider_vllm/fp8.py).
+        self._projector = fp8_sequential(modules.mm_projector) if fp8 else modules.mm_projector
+
+    @staticmethod
+    def _layer_linears(layer, fp8: bool) -> _ClipLinears:
+        attn, mlp = layer.self_attn, layer.mlp
+        qkv = kernels.merged_linear(attn, "_dispider_qkv", [attn.q_proj, attn.k_proj, attn.v_proj])
+        linears = _ClipLinears(qkv=qkv, out=attn.out_proj, fc1=mlp.fc1, fc2=mlp.fc2)
+        if not fp8:
+            return linears
+        return _ClipLinears(*(fp8_linear(linear) for linear in (linears.qkv, linears.out, linears.fc1, linears.fc2)))
 
     @torch.inference_mode()
     def encode(self, clips: Sequence[Clip]) -> list[ClipFeatures]:
@@ -329,21 +351,21 @@ class PerceptionEncoder:
         if not self._quick_gelu:
             return layer(hidden, None)
         frames, tokens, width = hidden.shape
-        attn = layer.self_attn
+        attn, linears = layer.self_attn, self._clip_linears[index]
         heads = attn.num_heads
-        qkv = F.linear(layer.layer_norm1(hidden), *self._clip_qkv[index])
+        qkv = linears.qkv(layer.layer_norm1(hidden))
         q, k, v = (x.view(frames, tokens, heads, width // heads).transpose(1, 2) for x in qkv.chunk(3, dim=-1))
         out = F.scaled_dot_product_attention(q, k, v, scale=attn.scale)
-        hidden = hidden + attn.out_proj(out.transpose(1, 2).reshape(frames, tokens, width))
-        activated = kernels.quick_gelu(layer.mlp.fc1(layer.layer_norm2(hidden)), fused=self.lm.fused)
-        return hidden + layer.mlp.fc2(activated)
+        hidden = hidden + linears.out(out.transpose(1, 2).reshape(frames, tokens, width))
+        activated = kernels.quick_gelu(linears.fc1(layer.layer_norm2(hidden)), fused=self.lm.fused)
+        return hidden + linears.fc2(activated)
 
     def project(self, raw: torch.Tensor) -> torch.Tensor:
         """raw [N, 1024, 4C] -> the 1089 projected tokens [N, 1089, H]: raw, 64 pooled, 1 global."""
         frames = raw.shape[1] // self.modules.resolution
         merged = raw.reshape(raw.shape[0], frames, self.modules.resolution, raw.shape[2])
         tokens = torch.cat([raw, pool_tokens(merged, self.modules.pool_num)], dim=1)
-        return self.modules.mm_projector(tokens)
+        return self._projector(tokens)
 
     def first_pass(self, prompts: Sequence[str], projected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One padded batch of time-prompt sequences -> M [N, 64, H] and T [N, H]."""

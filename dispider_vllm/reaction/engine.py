@@ -82,6 +82,7 @@ class ReactionEngineConfig:
     scheduling_policy: str = "fcfs"  # or "priority": then ``respond(priority=...)`` orders requests
     # Under CUDA MPS, on a GPU shared with the sidecar: "below_normal" lets perception and decision go first.
     mps_client_priority: str = "below_normal"  # or "normal"; without an MPS daemon it does nothing
+    quantization: str | None = None  # "fp8": vLLM's online dynamic FP8 of the bf16 weights (GPU only)
     seed: int = 0
 
 
@@ -115,6 +116,7 @@ class ReactionEngine:
             # A shapes-only split (dispider_vllm.checkpoint.dummy) has no weights: vLLM fills them at random.
             load_format="dummy" if _has_dummy_weights(self.config.model_dir) else "auto",
             dtype=self.config.dtype,
+            quantization=self.config.quantization,
             max_model_len=self.config.max_model_len,
             max_num_seqs=self.config.max_num_seqs,
             gpu_memory_utilization=self.config.gpu_memory_utilization,

@@ -85,6 +85,8 @@ class DispiderReactionForCausalLM(nn.Module, SupportsMultiModal, SupportsPP):
         config = vllm_config.model_config.hf_config
         quant_config = vllm_config.quant_config
         self.config = config
+        # The projectors' input dtype: under --quantization fp8 their weights are FP8, their inputs stay this.
+        self._input_dtype = vllm_config.model_config.dtype
         with self._mark_tower_model(vllm_config, "image"):
             self.clip_projector = MlpProjector(
                 config.clip_hidden_size, config.hidden_size,
@@ -100,12 +102,10 @@ class DispiderReactionForCausalLM(nn.Module, SupportsMultiModal, SupportsPP):
             )
         self.make_empty_intermediate_tensors = self.language_model.make_empty_intermediate_tensors
 
-    def _projector_dtype(self) -> torch.dtype:
-        return self.clip_projector.fc1.weight.dtype
 
     def embed_bundle(self, raw: torch.Tensor, memory: torch.Tensor, global_memory: torch.Tensor) -> torch.Tensor:
         """[k,1024,Dr], [k,64,Dm], [t,Dm] -> [1088k + t, hidden] in splice order."""
-        dtype = self._projector_dtype()
+        dtype = self._input_dtype
         per_clip = torch.cat(
             [self.clip_projector(raw.to(dtype)), self.compress_projector(memory.to(dtype))], dim=1
         )  # [k, 1088, hidden]: raw then memory, clip by clip

@@ -50,6 +50,7 @@ class SidecarConfig:
     kv_slots: int = 16  # streams whose decision KV caches are allocated up front (the pool doubles past them)
     cuda_graphs: bool = True  # small steps replayed from CUDA graphs on a GPU (dispider_vllm/cuda_graphs.py)
     turn_log: str | None = None  # a JSON line per turn of the loop here (dispider_vllm/sidecar/turn_log.py)
+    quantization: str | None = None  # "fp8": both models' matmuls in FP8 (dispider_vllm/fp8.py)
     extra: dict = field(default_factory=dict)
 
 

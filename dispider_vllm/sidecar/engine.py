@@ -20,9 +20,10 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from concurrent.futures import ALL_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from dispider_vllm.decision.engine import DecisionConfig, DecisionEngine
+from dispider_vllm.fp8 import check_supported as check_fp8_supported
 from dispider_vllm.perception.clips import ClipAssembler, ClipWindow, PreparedFrame, make_clip, prepare_frame_pixels
 from dispider_vllm.perception.encoder import PerceptionEncoder
 from dispider_vllm.perception.frames import FrameError, FrameSampler, PreprocessorConfig, VideoError, decode_video
@@ -152,15 +153,20 @@ class SidecarEngine:
         preprocess_workers: int = 0,
         preprocess_wait_s: float = 0.1,
         cuda_graphs: bool = True,
+        fp8: bool = False,
     ) -> None:
         """``preprocess_workers``: threads preprocessing closed clips' pixels; 0 (the default): inline, in
         ``handle``, so which clips a step finds ready does not depend on timing (the sidecar process uses a pool).
         ``preprocess_wait_s``: how long a step waits at most for clips still being preprocessed (see ``step``).
-        ``cuda_graphs``: perception of a few clips from CUDA graphs on a GPU (the decision's: ``decision_config``)."""
+        ``cuda_graphs``: perception of a few clips from CUDA graphs on a GPU (the decision's: ``decision_config``).
+        ``fp8``: both models' matmuls with FP8 weights and activations (dispider_vllm/fp8.py)."""
+        if fp8:
+            check_fp8_supported(modules.device)
         self.modules = modules
         self.preprocessor = preprocessor or PreprocessorConfig()
-        self.encoder = PerceptionEncoder(modules, cuda_graphs=cuda_graphs)
-        self.decision = DecisionEngine(modules, decision_config or DecisionConfig(), force_respond=respond_policy)
+        self.encoder = PerceptionEncoder(modules, cuda_graphs=cuda_graphs, fp8=fp8)
+        decision_config = replace(decision_config or DecisionConfig(), fp8=fp8)
+        self.decision = DecisionEngine(modules, decision_config, force_respond=respond_policy)
         self.max_batch_clips = max_batch_clips
         self.streams: OrderedDict[str, StreamState] = OrderedDict()
         self._turn = 0
@@ -193,7 +199,8 @@ class SidecarEngine:
                 "cuda_graphs": {"perception": self.encoder.graphs.graphed, "decision": self.decision.lm.graphs.graphed},
                 "max_batch_clips": self.max_batch_clips, "preprocess_workers": self.preprocess_workers,
                 "kv_slots": self.decision.pool.num_slots, "graphs_captured_at_start": self.graphs_captured,
-                "mps_daemon": self.modules.device.type == "cuda" and mps_daemon_running()}
+                "mps_daemon": self.modules.device.type == "cuda" and mps_daemon_running(),
+                "quantization": "fp8" if self.encoder.lm.fp8 else None}
 
     def close(self) -> None:
         if self._pool is not None:

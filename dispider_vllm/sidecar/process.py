@@ -83,6 +83,7 @@ def _build_engine(config: SidecarConfig):
         respond_policy=make_respond_policy(config.respond_every, config.respond_probability),
         # Frames are preprocessed on threads as they arrive (~1 ms of CPU each at 320x240), beside the GPU's work.
         preprocess_workers=config.preprocess_workers,
+        fp8=config.quantization == "fp8",
     )
 
 
