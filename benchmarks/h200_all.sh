@@ -20,7 +20,8 @@
 # Each step writes its JSON into the results folder as soon as it ends, so a run cut short keeps what finished.
 # Stream counts and durations: OURS_N, MPS_N, BLOCKING_N, PLAIN_N, DURATION (ours, mps), BASE_DURATION (the others);
 # MPS_SERVER_ARGS: more server options for the mps step (e.g. --reaction-mps-priority normal), MPS_OUT its report's
-# name (default streams_mps_h200.json);
+# name (default streams_mps_h200.json), SAMPLE_HOST=1 samples the GPU's and the host's use during its sweep (nvidia-smi
+# dmon, vmstat, top: dmon_mps.txt, vmstat_mps.txt, top_mps.txt);
 # MAX_TOKENS (answer length of ours and blocking, default 32).
 set -uo pipefail
 RESULTS=${1:-/tmp/h200-results}
@@ -96,8 +97,15 @@ if wants mps; then
     # shellcheck disable=SC2086
     if bash "$here/h200_streams.sh" start ${MPS_SERVER_ARGS:-}; then
       nvidia-smi --query-compute-apps=pid,process_name,used_memory --format=csv || true
+      samplers=()
+      if [[ -n "${SAMPLE_HOST:-}" ]]; then  # one line a second (top: every 10 s), for the whole sweep
+        nvidia-smi dmon -s u -d 1 > "$RESULTS/dmon_mps.txt" 2>&1 & samplers+=($!)
+        vmstat -t 1 > "$RESULTS/vmstat_mps.txt" 2>&1 & samplers+=($!)
+        top -b -d 10 -w 200 > "$RESULTS/top_mps.txt" 2>&1 & samplers+=($!)
+      fi
       # shellcheck disable=SC2086
       sweep "$RESULTS/${MPS_OUT:-streams_mps_h200.json}" "${DURATION:-96}" --max-tokens "${MAX_TOKENS:-32}" --sweep ${MPS_N:-1 256 384 448 512}
+      [[ ${#samplers[@]} -eq 0 ]] || kill "${samplers[@]}" 2> /dev/null || true
       bash "$here/h200_streams.sh" stop
       sleep 5
     fi
