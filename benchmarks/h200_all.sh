@@ -21,7 +21,7 @@
 # Stream counts and durations: OURS_N, MPS_N, BLOCKING_N, PLAIN_N, DURATION (ours, mps), BASE_DURATION (the others);
 # MPS_SERVER_ARGS: more server options for the mps step (e.g. --reaction-mps-priority normal), MPS_OUT its report's
 # name (default streams_mps_h200.json), SAMPLE_HOST=1 samples the GPU's and the host's use during its sweep (nvidia-smi
-# dmon, vmstat, top: dmon_mps.txt, vmstat_mps.txt, top_mps.txt);
+# dmon, vmstat, top, into samples_mps/ with host_samples.py's summary.json);
 # MAX_TOKENS (answer length of ours and blocking, default 32).
 set -uo pipefail
 RESULTS=${1:-/tmp/h200-results}
@@ -105,7 +105,12 @@ if wants mps; then
       fi
       # shellcheck disable=SC2086
       sweep "$RESULTS/${MPS_OUT:-streams_mps_h200.json}" "${DURATION:-96}" --max-tokens "${MAX_TOKENS:-32}" --sweep ${MPS_N:-1 256 384 448 512}
-      [[ ${#samplers[@]} -eq 0 ]] || kill "${samplers[@]}" 2> /dev/null || true
+      if [[ ${#samplers[@]} -gt 0 ]]; then
+        kill "${samplers[@]}" 2> /dev/null || true
+        mkdir -p "$RESULTS/samples_mps"
+        mv "$RESULTS/dmon_mps.txt" "$RESULTS/vmstat_mps.txt" "$RESULTS/top_mps.txt" "$RESULTS/samples_mps/"
+        python3 "$here/host_samples.py" "$RESULTS/samples_mps" --out "$RESULTS/samples_mps/summary.json" || true
+      fi
       bash "$here/h200_streams.sh" stop
       sleep 5
     fi
