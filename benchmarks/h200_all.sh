@@ -3,6 +3,8 @@
 #   graphs:    the sidecar's small-batch steps with CUDA graphs vs eager, and their outputs compared (graph_bench.py);
 #   sidecar:   sidecar capacity vs reference-style perception+decision, fused kernels on and off (sidecar_bench.py);
 #   reference: the reference-style computation with its blocking reaction (reference_bench.py);
+#   preprocess: the sidecar with clips preprocessed on the host vs as uint8 frames preprocessed on the GPU
+#              (sidecar_bench.py --compare-frames; --preprocess-on device, the server's default on a GPU);
 #   fp8:       the sidecar with and without FP8 matmuls (sidecar_bench.py --compare-fp8), plain vLLM's burst ceiling
 #              in bf16 and with --quantization fp8, and the capacity bound of each pair (capacity_bound.py);
 #   burst:     the reaction's throughput ceiling: plain vLLM, BURST_N answers at once (plain_vllm_bench.py --arrivals
@@ -55,6 +57,11 @@ fi
 if wants reference; then
   say "reference: reference-style computation with its blocking reaction"
   python3 "$here/reference_bench.py" --out "$RESULTS/reference_h200.json"
+fi
+if wants preprocess; then
+  say "preprocess: the sidecar with preprocessed clips vs clips of frames preprocessed on the GPU"
+  python3 "$here/sidecar_bench.py" --streams 512 --rounds 4 --history 8 --batch 64 --compare-frames \
+    --measure-preprocess --out "$RESULTS/sidecar_frames_h200.json"
 fi
 if wants fp8; then
   say "fp8: the sidecar in bf16 and fp8; plain vLLM's burst ceiling in bf16 and fp8 (${BURST_N:-64 256} answers)"

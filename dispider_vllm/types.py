@@ -30,9 +30,10 @@ class Frame:
 
 @dataclass(frozen=True)
 class Clip:
-    """Sixteen sampled frames, ready for the CLIP tower.
+    """Sixteen sampled frames, for the CLIP tower.
 
-    ``pixels`` is [16, 3, 224, 224] float32, already squashed to square, resized and CLIP-normalised.
+    ``pixels`` is [16, 3, 224, 224] float32, already squashed to square, resized and CLIP-normalised; or the
+    frames as they came, uint8 [16, H, W, 3], for the encoder to preprocess on its device (``preprocessed`` False).
     ``start``/``end`` are the seconds written into the time prompt.
     """
 
@@ -41,6 +42,10 @@ class Clip:
     end: float
     pixels: torch.Tensor
     frame_times: tuple[float, ...] = ()
+
+    @property
+    def preprocessed(self) -> bool:
+        return self.pixels.dtype != torch.uint8
 
 
 @dataclass

@@ -101,6 +101,7 @@ def make_backends(config: ServerConfig, parts: ModelParts) -> Backends:
         respond_every=config.respond_every,
         respond_probability=config.respond_probability,
         threads=placement.sidecar_threads,
+        preprocess_on=config.preprocess_on,
         preprocess_workers=config.preprocess_workers,
         kv_slots=config.sidecar_kv_slots,
         cuda_graphs=config.cuda_graphs,

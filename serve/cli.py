@@ -95,9 +95,13 @@ def build_parser() -> argparse.ArgumentParser:
                               "else GPU 0, shared; the CPU on the CPU build)")
     sidecar.add_argument("--sidecar-threads", type=int, metavar="N",
                          help="torch CPU threads in the sidecar (default: 4 on a GPU host, all cores on the CPU)")
+    sidecar.add_argument("--preprocess-on", choices=["auto", "device", "host"], default=defaults.preprocess_on,
+                         help="where frames are resized and normalised for CLIP: device (the sidecar's GPU, batched "
+                              "with each step; the host only stacks a clip's uint8 frames) or host (threads of the "
+                              "sidecar process, --preprocess-workers). Default auto: device on a GPU, host on the CPU")
     sidecar.add_argument("--preprocess-workers", type=int, default=defaults.preprocess_workers, metavar="N",
-                         help="threads preprocessing each sampled frame as it arrives (and stacking a closed clip's) in the "
-                              "sidecar, beside the GPU's work "
+                         help="with host preprocessing: threads preprocessing each sampled frame as it arrives (and "
+                              "stacking a closed clip's) in the sidecar, beside the GPU's work "
                               f"(default {defaults.preprocess_workers}; 0: on the sidecar's loop)")
     sidecar.add_argument("--sidecar-kv-slots", type=int, default=defaults.sidecar_kv_slots, metavar="N",
                          help="streams whose decision KV caches the sidecar allocates at start (default "
@@ -174,7 +178,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         enforce_eager=args.enforce_eager, cpu_kv_cache_gib=args.cpu_kv_cache_gib,
         disable_custom_all_reduce=args.disable_custom_all_reduce,
         sidecar_device=args.sidecar_device, sidecar_threads=args.sidecar_threads,
-        preprocess_workers=args.preprocess_workers, sidecar_kv_slots=args.sidecar_kv_slots,
+        preprocess_on=args.preprocess_on, preprocess_workers=args.preprocess_workers,
+        sidecar_kv_slots=args.sidecar_kv_slots,
         cuda_graphs=args.cuda_graphs, sidecar_turn_log=args.sidecar_turn_log,
         sidecar_quantization=args.sidecar_quantization, quantization=args.quantization,
         max_batch_clips=args.max_batch_clips, respond_every=args.respond_every,

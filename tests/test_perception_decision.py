@@ -14,9 +14,13 @@ sys.path.insert(0, str(Path(__file__).parent))
 from reference_dispider import reference_clip_features, reference_stream  # noqa: E402
 
 from dispider_vllm.decision import DecisionConfig, DecisionEngine  # noqa: E402
+from dispider_vllm.perception.clips import ClipWindow, make_frames_clip  # noqa: E402
+from dispider_vllm.perception.clips import make_clip as make_clip_of  # noqa: E402
 from dispider_vllm.perception.encoder import PerceptionEncoder, merge_neighbours, pool_tokens  # noqa: E402
+from dispider_vllm.perception.frames import PreprocessorConfig  # noqa: E402
 from dispider_vllm.perception.modules import WEIGHTS_FILE, PerceptionDecisionModules  # noqa: E402
 from dispider_vllm.types import Clip, ClipFeatures, DecisionEvent, Trigger  # noqa: E402
+from dispider_vllm.video.synth import make_test_frames  # noqa: E402
 
 ATOL = 1e-4
 
@@ -122,6 +126,29 @@ def test_encode_matches_reference_batched(modules):
         torch.testing.assert_close(got.raw, want.raw, atol=ATOL, rtol=0)
         torch.testing.assert_close(got.memory, want.memory, atol=ATOL, rtol=0)
         torch.testing.assert_close(got.indicator, want.indicator, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("max_graph_clips", [8, 0], ids=["static-path", "eager-path"])
+def test_clips_of_frames_are_preprocessed_by_the_encoder_as_on_the_host(modules, max_graph_clips):
+    """Clips that come as uint8 frames (a GPU sidecar's) get the features of the same clips preprocessed on the host,
+    within 1% of the features' scale, in one batch with preprocessed clips and frames of another size; another
+    clip's features are far off (what the tolerance tells apart)."""
+    def window(index: int, size: tuple[int, int], seed: int) -> ClipWindow:
+        frames = make_test_frames(seconds=16, fps=1, size=size, seed=seed)
+        return ClipWindow(index, 16.0 * index, 16.0 * (index + 1), tuple(frames[:16]))
+
+    config = PreprocessorConfig()
+    first, second = window(0, (320, 240), seed=1), window(1, (200, 150), seed=2)
+    clips = [make_clip_of(first, config), make_frames_clip(first, config), make_frames_clip(second, config),
+             make_clip_of(second, config)]
+    assert [clip.preprocessed for clip in clips] == [True, False, False, True]
+    features = PerceptionEncoder(modules, max_graph_clips=max_graph_clips, preprocessor=config).encode(clips)
+    for name in ("raw", "memory", "indicator"):
+        host_first, frames_first, frames_second, host_second = (getattr(f, name) for f in features)
+        scale = host_first.abs().max()
+        assert (frames_first - host_first).abs().max() < 0.01 * scale, name
+        assert (frames_second - host_second).abs().max() < 0.01 * scale, name
+        assert (host_second - host_first).abs().max() > 0.3 * scale, name
 
 
 def test_encode_then_decide_end_to_end(modules):

@@ -86,7 +86,7 @@ def test_fp8_for_the_reaction_is_refused_where_vllm_runs_on_the_cpu(default_chec
 
 def test_engine_and_sidecar_options_reach_the_processes_that_use_them(default_checkpoint, tmp_path):
     """--disable-custom-all-reduce (hosts where vLLM's CUDA-IPC all-reduce fails) reaches vLLM's engine arguments,
-    --preprocess-workers the sidecar's configuration."""
+    --preprocess-workers and --preprocess-on the sidecar's configuration."""
     from serve.app import make_backends
     from serve.cli import build_parser, config_from_args
     from serve.config import resolve_model_parts
@@ -101,6 +101,8 @@ def test_engine_and_sidecar_options_reach_the_processes_that_use_them(default_ch
     assert not default.engine.engine_args().disable_custom_all_reduce
     assert default.sidecar.config.preprocess_workers == 4
     assert backends("--preprocess-workers", "2").sidecar.config.preprocess_workers == 2
+    assert default.sidecar.config.preprocess_on == "auto"
+    assert backends("--preprocess-on", "device").sidecar.config.preprocess_on == "device"
     assert default.sidecar.config.kv_slots == 16 and default.sidecar.config.cuda_graphs
     tuned = backends("--sidecar-kv-slots", "512", "--no-cuda-graphs").sidecar.config
     assert tuned.kv_slots == 512 and not tuned.cuda_graphs
@@ -115,7 +117,8 @@ def test_engine_and_sidecar_options_reach_the_processes_that_use_them(default_ch
                                                (["--sidecar-kv-slots", "0"], "--sidecar-kv-slots must be >= 1"),
                                                (["--sidecar-turn-log", "/"], "--sidecar-turn-log /: is a directory"),
                                                (["--sidecar-turn-log", "/proc/no/turns.jsonl"], "--sidecar-turn-log"),
-                                               (["--sidecar-quantization", "int4"], "invalid choice: 'int4'")])
+                                               (["--sidecar-quantization", "int4"], "invalid choice: 'int4'"),
+                                               (["--preprocess-on", "gpu"], "invalid choice: 'gpu'")])
 def test_bad_sidecar_sizes_are_usage_errors(default_checkpoint, flags, message):
     result = subprocess.run([sys.executable, "-m", "serve", "--checkpoint", str(default_checkpoint.checkpoint_dir),
                              *flags], capture_output=True, text=True, timeout=120)

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from dispider_vllm.checkpoint.random import ensure_default_checkpoint
 from dispider_vllm.decision.engine import DecisionConfig
@@ -131,6 +132,43 @@ def test_an_fp8_engine_perceives_and_decides_the_same_clips_with_close_logits(mo
     print("logits exact", exact, "fp8", approximate)
     assert exact != approximate
     assert max(abs(a - b) for a, b in zip(exact, approximate)) < 0.5
+
+
+def _resized(frames: list[Frame], size: tuple[int, int]) -> list[Frame]:
+    return [Frame(f.timestamp, np.asarray(Image.fromarray(f.pixels).resize(size))) for f in frames]
+
+
+def test_device_preprocessing_perceives_and_decides_the_same_clips(modules, part_dir, frames):
+    """preprocess_on="device" (the GPU sidecar's default): clips reach the encoder as their uint8 frames and are
+    preprocessed there, batched with other streams' clips of other sizes, and with a clip whose frames differ in
+    size (preprocessed on the host instead). The same clips, triggers and retrievals; logits within a hair (the
+    features themselves: tests/test_perception_decision.py)."""
+    streams = {"a": frames, "b": _resized(frames, (200, 150)),
+               "c": _resized(frames[:20], (200, 150)) + frames[20:]}  # its first clip mixes two sizes
+    rows = {}
+    for place in ("host", "device"):
+        engine = new_engine(modules, part_dir, preprocess_on=place, max_batch_clips=8)
+        try:
+            events = [e for stream_id in streams for e in engine.handle(OpenStream(stream_id, "What changes?"))]
+            for stream_id, pushed in streams.items():
+                events += feed(engine, stream_id, pushed)
+            clips = [pending.resolve() for stream in engine.streams.values() for pending in stream.ready]
+            run_until_idle(engine, events)
+            rows[place] = {stream_id: outcomes(events, stream_id) for stream_id in streams}
+            assert engine.features()["preprocess_on"] == place
+        finally:
+            engine.close()
+        kinds = sorted((clip.preprocessed, clip.pixels.dtype, tuple(clip.pixels.shape)) for clip in clips)
+        if place == "device":  # a's 3 clips and b's 3 as frames; c's first clip preprocessed on the host
+            assert kinds.count((False, torch.uint8, (16, 150, 200, 3))) == 3
+            assert kinds.count((False, torch.uint8, (16, *frames[0].pixels.shape))) == 5
+            assert [kind[0] for kind in kinds].count(True) == 1
+        else:
+            assert all(kind[0] for kind in kinds)
+    for stream_id in streams:
+        host, device = rows["host"][stream_id], rows["device"][stream_id]
+        assert len(host) == 3 and [(r[0], r[2], r[3]) for r in device] == [(r[0], r[2], r[3]) for r in host]
+        assert max(abs(a[1] - b[1]) for a, b in zip(host, device)) < 2e-3, (host, device)
 
 
 def test_streams_batched_together_match_each_stream_alone(modules, part_dir, frames):
@@ -471,3 +509,6 @@ def test_the_sidecar_process_preprocesses_on_a_pool(part_dir):
     assert _build_engine(SidecarConfig(part_dir=str(part_dir), preprocess_workers=3)).preprocess_workers == 3
     engine = _build_engine(SidecarConfig(part_dir=str(part_dir), preprocess_workers=0))
     assert engine.preprocess_workers == 0
+    assert engine.preprocess_on == "host"  # auto on the CPU: host threads overlap the CPU's model work
+    on_device = _build_engine(SidecarConfig(part_dir=str(part_dir), preprocess_on="device"))
+    assert (on_device.preprocess_on, on_device.preprocess_workers, on_device._pool) == ("device", 0, None)

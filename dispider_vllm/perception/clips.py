@@ -17,7 +17,8 @@ Closing a window and preprocessing its pixels are two steps: :meth:`ClipAssemble
 closed :class:`ClipWindow` s and :func:`make_clip` preprocesses one into its :class:`Clip`; it touches no assembler
 state, so the sidecar runs it on worker threads while the stream goes on. :meth:`ClipAssembler.push` does both.
 Preprocessing can also run per frame as it arrives (:func:`prepare_frame_pixels`, a :class:`PreparedFrame` in the
-assembler's place); closing its clip then only stacks the 16 prepared frames.
+assembler's place); closing its clip then only stacks the 16 prepared frames. Or not at all on the host:
+:func:`make_frames_clip` stacks the frames as they came, for the encoder to preprocess on its GPU.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Literal
 
+import numpy as np
 import torch
 
 from dispider_vllm.perception.frames import (
@@ -73,6 +75,21 @@ def make_clip(window: ClipWindow, preprocessor: PreprocessorConfig) -> Clip:
         start=window.start,
         end=window.end,
         pixels=_pixels(window.frames, preprocessor),
+        frame_times=tuple(f.timestamp for f in window.frames),
+    )
+
+
+def make_frames_clip(window: ClipWindow, preprocessor: PreprocessorConfig) -> Clip:
+    """The window's frames stacked as they came, uint8 [16, H, W, 3], for the encoder to preprocess on its device
+    (a quarter of the preprocessed clip's bytes at 320x240, and no CPU work but the copy). Frames of different
+    sizes cannot be stacked: such a window is preprocessed here, as :func:`make_clip` does."""
+    if len({frame.pixels.shape for frame in window.frames}) > 1:
+        return make_clip(window, preprocessor)
+    return Clip(
+        index=window.index,
+        start=window.start,
+        end=window.end,
+        pixels=torch.from_numpy(np.stack([frame.pixels for frame in window.frames])),
         frame_times=tuple(f.timestamp for f in window.frames),
     )
 

@@ -15,6 +15,10 @@ padded to 1, 2, 4, ... clips, the sequences right-padded to a multiple of 32 tok
 by a few tokens between clips, so the text goes in as token ids and the image's start as an index: the graph looks
 the text up, puts the projected tokens at each clip's start, and gathers M and T from there. Larger chunks stay
 eager (their launch overhead is spread over many clips), pipelined as below.
+
+Clips may come preprocessed (float32 pixels) or as their frames (uint8 [16, H, W, 3], ``Clip.preprocessed``
+False): the encoder then copies the uint8 frames to its device and preprocesses them there
+(:func:`~dispider_vllm.perception.frames.preprocess_on_device`), outside the graph, into the same pixel input.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from ..cuda_graphs import GraphCache, StaticShapes, copy_from_host, cuda_graphs_
 from ..decision.compact_lm import CompactLM
 from ..fp8 import fp8_linear, fp8_sequential
 from ..types import Clip, ClipFeatures
+from .frames import PreprocessorConfig, preprocess_on_device
 from .modules import PerceptionDecisionModules
 
 IMAGE_PLACEHOLDER = "<image>"
@@ -136,12 +141,15 @@ class PerceptionEncoder:
 
     ``cuda_graphs``: chunks of at most ``max_graph_clips`` clips take the static-shape path (CUDA graphs on a GPU,
     the same padded code eagerly elsewhere); off with False or ``DISPIDER_CUDA_GRAPHS=0``.
+    ``preprocessor``: how clips that come as frames are preprocessed on the device (CLIP's defaults when None).
     """
 
     def __init__(self, modules: PerceptionDecisionModules, *, max_frames_per_batch: int = 256,
                  max_clips_per_pass: int = 16, raw_device: str | torch.device = "cpu", lm: CompactLM | None = None,
-                 cuda_graphs: bool = True, max_graph_clips: int = 8, fp8: bool = False):
+                 cuda_graphs: bool = True, max_graph_clips: int = 8, fp8: bool = False,
+                 preprocessor: PreprocessorConfig | None = None):
         self.modules = modules
+        self.preprocessor = preprocessor or PreprocessorConfig()
         self.lm = lm or CompactLM(modules.language_model, fp8=fp8)
         self.cuda_graphs = cuda_graphs_enabled(cuda_graphs) and max_graph_clips > 0
         self.graph_shapes = StaticShapes(max_batch=max_graph_clips if self.cuda_graphs else 0, length_multiple=32,
@@ -151,6 +159,7 @@ class PerceptionEncoder:
         self.max_clips_per_pass = max_clips_per_pass
         self.raw_device = torch.device(raw_device)
         self._pixel_staging = _PinnedPair(max_clips_per_pass)
+        self._frame_staging = _PinnedPair(max_clips_per_pass)  # uint8 frames of clips preprocessed on the device
         self._raw_staging = _PinnedPair(max_clips_per_pass)
         tower = modules.vision_tower
         self._tower = getattr(tower, "vision_model", tower)  # transformers 4 wraps the layers one level down
@@ -219,12 +228,19 @@ class PerceptionEncoder:
     def perception_bucket(self, clips: Sequence[Clip],
                           pieces: Sequence[tuple[list[int], list[int]]]) -> PerceptionBucket | None:
         """The static shape these clips (with their split time prompts) run in, or None when they run eagerly."""
-        image_tokens = self._image_tokens(clips[0].pixels.shape[0])
+        clip_shape = self.input_shape(clips[0])
+        image_tokens = self._image_tokens(clip_shape[0])
         rows = self.graph_shapes.batch(len(clips))
         length = self.graph_shapes.length(max(len(before) + len(after) for before, after in pieces) + image_tokens)
-        if rows is None or length is None or any(c.pixels.shape != clips[0].pixels.shape for c in clips):
+        if rows is None or length is None or any(self.input_shape(c) != clip_shape for c in clips):
             return None
-        return PerceptionBucket(rows, length, tuple(clips[0].pixels.shape))
+        return PerceptionBucket(rows, length, clip_shape)
+
+    def input_shape(self, clip: Clip) -> tuple[int, ...]:
+        """The clip's pixels as the CLIP tower takes them: [16, 3, h, w] (frames still to preprocess included)."""
+        if clip.preprocessed:
+            return tuple(clip.pixels.shape)
+        return (clip.pixels.shape[0], 3, self.preprocessor.crop_height, self.preprocessor.crop_width)
 
     def _launch_static(self, clips: Sequence[Clip], pieces: Sequence[tuple[list[int], list[int]]],
                        bucket: PerceptionBucket) -> _LaunchedChunk:
@@ -264,15 +280,36 @@ class PerceptionEncoder:
         return rows
 
     def _stage_pixels(self, clips: Sequence[Clip], static: torch.Tensor) -> None:
-        """The clips' pixels into the first rows of the static pixel buffer; to a GPU via the pinned staging pair."""
-        target = static[: len(clips)]
-        if static.device.type != "cuda":
-            torch.stack([clip.pixels for clip in clips], out=target)
+        """The clips' pixels into the first rows of the static pixel buffer."""
+        self._write_pixels(clips, static[: len(clips)])
+
+    def _write_pixels(self, clips: Sequence[Clip], target: torch.Tensor) -> None:
+        """The clips' pixels into ``target`` [N, 16, 3, h, w] on the model's device: preprocessed pixels copied,
+        frames copied as uint8 and preprocessed there. Each run of alike neighbours goes at once, into a slice of
+        ``target`` (an index list would be a blocking host-to-device copy)."""
+        for start, end in _alike_runs(clips):
+            run = clips[start:end]
+            pixels = [clip.pixels for clip in run]
+            if run[0].preprocessed:
+                self._copy_stacked(pixels, target[start:end], self._pixel_staging)
+                continue
+            frames = torch.empty((len(run), *pixels[0].shape), dtype=torch.uint8, device=target.device)
+            self._copy_stacked(pixels, frames, self._frame_staging)
+            with record_function("perception.preprocess_frames"):
+                target[start:end] = preprocess_on_device(frames.flatten(0, 1), self.preprocessor).unflatten(
+                    0, frames.shape[:2])
+
+    @staticmethod
+    def _copy_stacked(pieces: Sequence[torch.Tensor], target: torch.Tensor, staging_pair: _PinnedPair) -> None:
+        """torch.stack(pieces) into ``target``; to a GPU through a reused pinned buffer of the pair (an asynchronous
+        copy at full bus speed instead of a pageable one)."""
+        if target.device.type != "cuda":
+            torch.stack(pieces, out=target)
             return
-        staging, index = self._pixel_staging.take(tuple(target.shape), torch.float32)
-        torch.stack([clip.pixels for clip in clips], out=staging)
+        staging, index = staging_pair.take(tuple(target.shape), target.dtype)
+        torch.stack(pieces, out=staging)
         target.copy_(staging, non_blocking=True)
-        self._pixel_staging.copy_recorded(index)
+        staging_pair.copy_recorded(index)
 
     def _perception_pass(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The graph body: pixels and text rows -> raw [N, 1024, 4C], M [N, 64, H], T [N, H] of every padded clip."""
@@ -308,16 +345,10 @@ class PerceptionEncoder:
             ]
 
     def _pixels_on_device(self, clips: Sequence[Clip]) -> torch.Tensor:
-        """The clips' pixels [N, 16, 3, H, W] on the model's device. To a GPU they go through a reused pinned
-        buffer: an asynchronous copy at full bus speed instead of a pageable one of a fresh batch."""
-        if self.modules.device.type != "cuda":
-            return torch.stack([clip.pixels for clip in clips])
-        shape = (len(clips), *clips[0].pixels.shape)
-        staging, index = self._pixel_staging.take(shape, torch.float32)
-        torch.stack([clip.pixels for clip in clips], out=staging)
-        on_device = staging.to(self.modules.device, non_blocking=True)
-        self._pixel_staging.copy_recorded(index)
-        return on_device
+        """The clips' pixels [N, 16, 3, H, W] on the model's device, as the CLIP tower takes them."""
+        pixels = torch.empty((len(clips), *self.input_shape(clips[0])), dtype=torch.float32, device=self.modules.device)
+        self._write_pixels(clips, pixels)
+        return pixels
 
     def _start_raw_copy(self, raw: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
         """Start moving the chunk's raw to ``raw_device``. GPU -> host goes asynchronously into a reused pinned
@@ -389,3 +420,18 @@ class PerceptionEncoder:
         if len(parts) != 2:
             raise ValueError(f"a time prompt needs exactly one {IMAGE_PLACEHOLDER}: {prompt!r}")
         return self.modules.token_ids(parts[0]), self.modules.token_ids(parts[1]) if parts[1] else []
+
+
+def _alike_runs(clips: Sequence[Clip]) -> list[tuple[int, int]]:
+    """[start, end) of each run of neighbouring clips alike in kind (preprocessed or frames) and pixel shape."""
+    runs: list[tuple[int, int]] = []
+    for index, clip in enumerate(clips):
+        if runs and _kind(clips[runs[-1][0]]) == _kind(clip):
+            runs[-1] = (runs[-1][0], index + 1)
+        else:
+            runs.append((index, index + 1))
+    return runs
+
+
+def _kind(clip: Clip) -> tuple:
+    return clip.preprocessed, tuple(clip.pixels.shape)

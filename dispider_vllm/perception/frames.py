@@ -9,6 +9,7 @@ DISPIDER.md section 2 fixes what the model expects:
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import math
@@ -334,9 +335,9 @@ def resize_frames(frames: Sequence[np.ndarray], size: int, crop: tuple[int, int]
 
 def normalize_frames(resized: torch.Tensor, image_mean: Sequence[float] = CLIP_MEAN,
                      image_std: Sequence[float] = CLIP_STD, rescale_factor: float = 1 / 255) -> torch.Tensor:
-    """uint8 [n, 3, h, w] from :func:`resize_frames` -> the CLIP tower's float32 input: rescale, normalise."""
-    mean = torch.tensor(image_mean, dtype=torch.float32).view(1, 3, 1, 1)
-    std = torch.tensor(image_std, dtype=torch.float32).view(1, 3, 1, 1)
+    """uint8 [n, 3, h, w] from :func:`resize_frames` -> the CLIP tower's float32 input: rescale, normalise (on the
+    tensor's device)."""
+    mean, std = _channel_constants(tuple(image_mean), tuple(image_std), resized.device)
     return (resized.float() * rescale_factor - mean) / std
 
 
@@ -373,13 +374,17 @@ def _resize_shortest_edge(batch: torch.Tensor, size: int) -> torch.Tensor:
 
     torch's uint8 bicubic antialiased kernel is the one torchvision (so the image processor) uses: same output.
     """
-    height, width = batch.shape[-2:]
-    short, long = min(height, width), max(height, width)
-    new_long = int(size * long / short)  # as transformers' get_resize_output_image_size
-    new_size = (size, new_long) if height <= width else (new_long, size)
-    if (height, width) == new_size:
+    new_size = _shortest_edge_size(batch.shape[-2:], size)
+    if tuple(batch.shape[-2:]) == new_size:
         return batch
     return F.interpolate(batch, size=new_size, mode="bicubic", antialias=True, align_corners=False)
+
+
+def _shortest_edge_size(shape: Sequence[int], size: int) -> tuple[int, int]:
+    height, width = shape
+    short, long = min(height, width), max(height, width)
+    new_long = int(size * long / short)  # as transformers' get_resize_output_image_size
+    return (size, new_long) if height <= width else (new_long, size)
 
 
 def _center_crop(batch: torch.Tensor, crop: tuple[int, int]) -> torch.Tensor:
@@ -389,3 +394,62 @@ def _center_crop(batch: torch.Tensor, crop: tuple[int, int]) -> torch.Tensor:
         raise ValueError(f"cannot crop {crop_height}x{crop_width} from a {height}x{width} image")
     top, left = (height - crop_height) // 2, (width - crop_width) // 2
     return batch[..., top : top + crop_height, left : left + crop_width]
+
+
+# ------------------------------------------------------------------------------ preprocessing on the device
+
+
+def preprocess_on_device(frames: torch.Tensor, config: PreprocessorConfig) -> torch.Tensor:
+    """RGB uint8 frames [n, H, W, 3] of one size, on any device -> float32 [n, 3, crop_h, crop_w] on that device:
+    :func:`preprocess_with_config` as tensor kernels, so a GPU sidecar's host only stacks and copies uint8 frames.
+
+    The squash gathers the rows and columns PIL's nearest-neighbour resize picks (the same pixels). The resize runs
+    the float bicubic antialiased kernel one axis at a time, width then height, rounded to uint8 levels after each
+    pass as the host's uint8 kernel does: at most 2 levels (of 255) from the host's values, on under 1% of them
+    for random-noise frames (the host kernel's fixed-point weights), fewer on video."""
+    if frames.dtype != torch.uint8 or frames.dim() != 4 or frames.shape[-1] != 3:
+        raise ValueError(f"expected uint8 frames [n, H, W, 3], got {frames.dtype} {tuple(frames.shape)}")
+    batch = frames.permute(0, 3, 1, 2)
+    height, width = batch.shape[-2:]
+    if height != width:
+        side = min(height, width)
+        batch = batch.index_select(2, _nearest_sources(height, side, batch.device))
+        batch = batch.index_select(3, _nearest_sources(width, side, batch.device))
+    resized = _resize_shortest_edge_in_levels(batch.float(), config.shortest_edge)
+    cropped = _center_crop(resized, (config.crop_height, config.crop_width))
+    mean, std = _channel_constants(config.image_mean, config.image_std, cropped.device)
+    return (cropped * config.rescale_factor - mean) / std
+
+
+def _resize_shortest_edge_in_levels(batch: torch.Tensor, size: int) -> torch.Tensor:
+    """float [n, 3, H, W] holding uint8 levels -> the same with min(h, w) = size, as :func:`_resize_shortest_edge`."""
+    height, width = batch.shape[-2:]
+    new_height, new_width = _shortest_edge_size((height, width), size)
+    if new_width != width:
+        batch = _bicubic_levels(batch, (height, new_width))
+    if new_height != height:
+        batch = _bicubic_levels(batch, (new_height, new_width))
+    return batch
+
+
+def _bicubic_levels(batch: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    resized = F.interpolate(batch, size=size, mode="bicubic", antialias=True, align_corners=False)
+    return resized.round_().clamp_(0, 255)
+
+
+@functools.lru_cache(maxsize=64)
+def _nearest_sources(length: int, new_length: int, device: torch.device) -> torch.Tensor:
+    """The source index of each output position of PIL's nearest-neighbour resize from ``length`` to
+    ``new_length`` (PIL resizes an index ramp), kept on ``device``: no host-to-device copy per batch."""
+    ramp = np.arange(length, dtype=np.int32)[None, :]
+    picked = np.asarray(Image.fromarray(ramp).resize((new_length, 1), Image.Resampling.NEAREST))[0]
+    return torch.from_numpy(picked.astype(np.int64)).to(device)
+
+
+@functools.lru_cache(maxsize=16)
+def _channel_constants(mean: tuple[float, ...], std: tuple[float, ...],
+                       device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """CLIP's mean and std as [1, 3, 1, 1] float32 on ``device``, made once (a fresh one per batch on a GPU would
+    be a blocking copy)."""
+    return (torch.tensor(mean, dtype=torch.float32, device=device).view(1, 3, 1, 1),
+            torch.tensor(std, dtype=torch.float32, device=device).view(1, 3, 1, 1))

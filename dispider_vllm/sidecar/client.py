@@ -46,7 +46,8 @@ class SidecarConfig:
     respond_every: int | None = None  # force a trigger every N clips (load tests with random weights)
     respond_probability: float | None = None  # or with this probability per clip (seeded per stream)
     threads: int | None = None  # torch CPU threads in the sidecar process
-    preprocess_workers: int = 4  # threads preprocessing frames as they arrive, beside the GPU's work (0: inline)
+    preprocess_on: str = "auto"  # "device": frames resized and normalised on the sidecar's GPU; "host": on threads
+    preprocess_workers: int = 4  # host: threads preprocessing frames as they arrive, beside the GPU's work (0: inline)
     kv_slots: int = 16  # streams whose decision KV caches are allocated up front (the pool doubles past them)
     cuda_graphs: bool = True  # small steps replayed from CUDA graphs on a GPU (dispider_vllm/cuda_graphs.py)
     turn_log: str | None = None  # a JSON line per turn of the loop here (dispider_vllm/sidecar/turn_log.py)

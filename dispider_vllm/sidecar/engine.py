@@ -7,8 +7,10 @@ many streams the others run), runs them through the CLIP tower and the
 compact model's first pass as one batch, then decides every stream's new clips in one batched decision pass.
 Frames are sampled and assembled into clips as they arrive (``handle``), so a step only sees whole clips. Each
 sampled frame's preprocessing starts on a small thread pool as soon as it arrives (``preprocess_workers``; the
-sidecar process runs one), so when a clip closes only stacking its 16 frames is left (also on the pool): the CPU
-work is spread over the clip's 16 seconds instead of sitting between its last frame and its step.
+sidecar process runs one on the CPU), so when a clip closes only stacking its 16 frames is left (also on the pool):
+the CPU work is spread over the clip's 16 seconds instead of sitting between its last frame and its step. With
+``preprocess_on="device"`` (the sidecar's default on a GPU) the host does none of it: a closing clip stacks its
+uint8 frames, and the encoder resizes and normalises them on the GPU, batched with the step's other clips.
 """
 
 from __future__ import annotations
@@ -24,7 +26,14 @@ from dataclasses import dataclass, field, replace
 
 from dispider_vllm.decision.engine import DecisionConfig, DecisionEngine
 from dispider_vllm.fp8 import check_supported as check_fp8_supported
-from dispider_vllm.perception.clips import ClipAssembler, ClipWindow, PreparedFrame, make_clip, prepare_frame_pixels
+from dispider_vllm.perception.clips import (
+    ClipAssembler,
+    ClipWindow,
+    PreparedFrame,
+    make_clip,
+    make_frames_clip,
+    prepare_frame_pixels,
+)
 from dispider_vllm.perception.encoder import PerceptionEncoder
 from dispider_vllm.perception.frames import FrameError, FrameSampler, PreprocessorConfig, VideoError, decode_video
 from dispider_vllm.perception.modules import PerceptionDecisionModules
@@ -54,6 +63,7 @@ BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.4, 0.6, 0.8, 1.0, 1.25,
                    1.5, 2.0, 3.0, 5.0, 10.0, 30.0, 60.0, 120.0)
 STEP_PHASES = ("preprocess_wait", "perceive", "decide")
+PREPROCESS_PLACES = ("host", "device")
 
 
 @dataclass
@@ -152,19 +162,25 @@ class SidecarEngine:
         respond_policy: Callable[[str, int], bool | None] | None = None,
         preprocess_workers: int = 0,
         preprocess_wait_s: float = 0.1,
+        preprocess_on: str = "host",
         cuda_graphs: bool = True,
         fp8: bool = False,
     ) -> None:
-        """``preprocess_workers``: threads preprocessing closed clips' pixels; 0 (the default): inline, in
+        """``preprocess_on``: "host" (the CPU resizes and normalises each frame) or "device" (the encoder does,
+        on the model's device; the host only stacks a clip's uint8 frames, inline, and no pool runs).
+        ``preprocess_workers``: threads preprocessing frames on the host; 0 (the default): inline, in
         ``handle``, so which clips a step finds ready does not depend on timing (the sidecar process uses a pool).
         ``preprocess_wait_s``: how long a step waits at most for clips still being preprocessed (see ``step``).
         ``cuda_graphs``: perception of a few clips from CUDA graphs on a GPU (the decision's: ``decision_config``).
         ``fp8``: both models' matmuls with FP8 weights and activations (dispider_vllm/fp8.py)."""
         if fp8:
             check_fp8_supported(modules.device)
+        if preprocess_on not in PREPROCESS_PLACES:
+            raise ValueError(f"preprocess_on is one of {PREPROCESS_PLACES}, not {preprocess_on!r}")
         self.modules = modules
         self.preprocessor = preprocessor or PreprocessorConfig()
-        self.encoder = PerceptionEncoder(modules, cuda_graphs=cuda_graphs, fp8=fp8)
+        self.preprocess_on = preprocess_on
+        self.encoder = PerceptionEncoder(modules, cuda_graphs=cuda_graphs, fp8=fp8, preprocessor=self.preprocessor)
         decision_config = replace(decision_config or DecisionConfig(), fp8=fp8)
         self.decision = DecisionEngine(modules, decision_config, force_respond=respond_policy)
         self.max_batch_clips = max_batch_clips
@@ -176,12 +192,12 @@ class SidecarEngine:
         self.batches_total = 0
         self.step_stats = StepStats()
         self.graphs_captured: dict | None = None  # set by capture_graphs
-        self.preprocess_workers = preprocess_workers
+        self.preprocess_workers = preprocess_workers if preprocess_on == "host" else 0
         self.preprocess_wait_s = preprocess_wait_s
         # torch's resize and PIL release the GIL, so a few threads preprocess clips in parallel, beside the GPU.
         self._pool = (
-            ThreadPoolExecutor(preprocess_workers, thread_name_prefix="sidecar-preprocess")
-            if preprocess_workers > 0 else None
+            ThreadPoolExecutor(self.preprocess_workers, thread_name_prefix="sidecar-preprocess")
+            if self.preprocess_workers > 0 else None
         )
 
     def capture_graphs(self) -> dict:
@@ -197,7 +213,8 @@ class SidecarEngine:
         """What this engine runs with (``/health``'s ``sidecar_features``)."""
         return {"device": str(self.modules.device), "fused_ops": self.decision.lm.fused,
                 "cuda_graphs": {"perception": self.encoder.graphs.graphed, "decision": self.decision.lm.graphs.graphed},
-                "max_batch_clips": self.max_batch_clips, "preprocess_workers": self.preprocess_workers,
+                "max_batch_clips": self.max_batch_clips, "preprocess_on": self.preprocess_on,
+                "preprocess_workers": self.preprocess_workers,
                 "kv_slots": self.decision.pool.num_slots, "graphs_captured_at_start": self.graphs_captured,
                 "mps_daemon": self.modules.device.type == "cuda" and mps_daemon_running(),
                 "quantization": "fp8" if self.encoder.lm.fp8 else None}
@@ -270,14 +287,17 @@ class SidecarEngine:
         stream.clips_closed += len(windows)
         return windows
 
-    def _prepare(self, frame: Frame) -> PreparedFrame:
-        """The sampled frame, its preprocessing started (on the pool, or done here without one)."""
+    def _prepare(self, frame: Frame) -> Frame:
+        """The sampled frame, its preprocessing started (on the pool, or done here without one); as it is when the
+        device preprocesses it."""
+        if self.preprocess_on == "device":
+            return frame
         return PreparedFrame(frame.timestamp, frame.pixels, self._run(prepare_frame_pixels, frame, self.preprocessor))
 
     def _preprocess(self, window: ClipWindow) -> Future:
         """The window's Clip, made on the pool (or here, done already, without one); a failure stays in the Future.
         Its frames' jobs went into the pool's queue before this one, so waiting for them here cannot deadlock."""
-        return self._run(make_clip, window, self.preprocessor)
+        return self._run(make_frames_clip if self.preprocess_on == "device" else make_clip, window, self.preprocessor)
 
     def _run(self, function, *args) -> Future:
         if self._pool is not None:

@@ -81,10 +81,20 @@ def _build_engine(config: SidecarConfig):
                                        initial_kv_slots=config.kv_slots, cuda_graphs=config.cuda_graphs),
         cuda_graphs=config.cuda_graphs,
         respond_policy=make_respond_policy(config.respond_every, config.respond_probability),
-        # Frames are preprocessed on threads as they arrive (~1 ms of CPU each at 320x240), beside the GPU's work.
+        preprocess_on=preprocess_place(config),
+        # On the host, frames are preprocessed on threads as they arrive (~1 ms of CPU each at 320x240).
         preprocess_workers=config.preprocess_workers,
         fp8=config.quantization == "fp8",
     )
+
+
+def preprocess_place(config: SidecarConfig) -> str:
+    """auto: on the GPU when the sidecar has one (the host's threads and the loop share one interpreter, which
+    limited the live streams past 512 on an H200: docs/benchmarks.md); on the host on the CPU, where the threads
+    overlap the CPU's model work."""
+    if config.preprocess_on != "auto":
+        return config.preprocess_on
+    return "device" if config.device.startswith("cuda") else "host"
 
 
 class VideoDecoder:
