@@ -23,7 +23,10 @@ the GPU, fp32 on the CPU.
   are 16 / that cost.
 
 ``--ours FILE`` (a ``load_streams.py`` sweep JSON) or ``--ours-streams N`` adds the capacity ratio of the whole
-dispider-vllm server against the reference with its reaction (target 10x).
+dispider-vllm server against the reference with its reaction (target 10x). ``--from-report FILE`` measures
+nothing: it adds that ratio to a report written earlier (the live sweep ran after it, on the same machine):
+
+    python benchmarks/reference_bench.py --from-report reference.json --ours streams.json --out reference.json
 """
 
 from __future__ import annotations
@@ -202,7 +205,11 @@ def parse_args(argv: list[str] | None):
     ours.add_argument("--ours", type=Path, metavar="FILE",
                       help="a load_streams.py sweep JSON: its sweep.max_realtime_streams gives the capacity ratio")
     ours.add_argument("--ours-streams", type=int, metavar="N", help="dispider-vllm's real-time streams, given directly")
+    parser.add_argument("--from-report", type=Path, metavar="FILE",
+                        help="measure nothing: add the capacity ratio (--ours/--ours-streams) to this earlier report")
     args = parser.parse_args(argv)
+    if args.from_report is not None and args.ours is None and args.ours_streams is None:
+        parser.error("--from-report needs --ours or --ours-streams")
     for name in ("rounds", "respond_every", "prompt_positions", "answer_tokens", "reactions"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
@@ -213,6 +220,8 @@ def parse_args(argv: list[str] | None):
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.from_report is not None:
+        return ratio_of_report(args)
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     torch.manual_seed(0)
@@ -238,6 +247,21 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     log(f"written to {args.out}")
+    print_table(report)
+    return 0
+
+
+def ratio_of_report(args) -> int:
+    try:
+        report = json.loads(args.from_report.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise SystemExit(f"--from-report {args.from_report}: {error}") from None
+    if report.get("benchmark") != "reference":
+        raise SystemExit(f"--from-report {args.from_report}: not a reference_bench.py report")
+    add_ratio(report, args)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    log(f"capacity ratio added, written to {args.out}")
     print_table(report)
     return 0
 

@@ -43,6 +43,17 @@ def test_tiny_run_writes_a_consistent_report(bench, tmp_path):
     assert report["capacity_ratio"] == pytest.approx(320 / blocking["realtime_streams"])
     assert report["meets_target"] == (report["capacity_ratio"] >= 10)
 
+    # --from-report: the same measurements, the ratio against a sweep that ran after them
+    sweep = tmp_path / "streams.json"
+    sweep.write_text(json.dumps({"benchmark": "load_streams", "sweep": {"max_realtime_streams": 96}}))
+    again = tmp_path / "reference_with_sweep.json"
+    assert bench.main(["--from-report", str(out), "--ours", str(sweep), "--out", str(again)]) == 0
+    rerated = json.loads(again.read_text())
+    assert rerated["with_reaction"] == blocking and rerated["ours"] == {"max_realtime_streams": 96, "source": str(sweep)}
+    assert rerated["capacity_ratio"] == pytest.approx(96 / blocking["realtime_streams"])
+    with pytest.raises(SystemExit, match="not a reference_bench.py report"):
+        bench.main(["--from-report", str(sweep), "--ours-streams", "3", "--out", str(again)])
+
 
 def test_min_new_tokens_outlasts_an_early_eos(bench):
     """Make the greedy first token the EOS: plain generate stops after it, the benchmark's answer does not."""
