@@ -243,12 +243,7 @@ def main(argv: list[str] | None = None) -> int:
         "reaction": reaction,
         "with_reaction": with_reaction(perception_decision, reaction, args.respond_every),
     }
-    add_ratio(report, args)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    log(f"written to {args.out}")
-    print_table(report)
-    return 0
+    return write_report(report, args)
 
 
 def ratio_of_report(args) -> int:
@@ -258,10 +253,15 @@ def ratio_of_report(args) -> int:
         raise SystemExit(f"--from-report {args.from_report}: {error}") from None
     if report.get("benchmark") != "reference":
         raise SystemExit(f"--from-report {args.from_report}: not a reference_bench.py report")
+    return write_report(report, args)
+
+
+def write_report(report: dict, args) -> int:
+    """The capacity ratio (with --ours/--ours-streams) added, the report written to --out and printed."""
     add_ratio(report, args)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
-    log(f"capacity ratio added, written to {args.out}")
+    log(f"written to {args.out}")
     print_table(report)
     return 0
 

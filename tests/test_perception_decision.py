@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -19,7 +20,7 @@ from dispider_vllm.perception.clips import make_clip as make_clip_of  # noqa: E4
 from dispider_vllm.perception.encoder import PerceptionEncoder, merge_neighbours, pool_tokens  # noqa: E402
 from dispider_vllm.perception.frames import PreprocessorConfig  # noqa: E402
 from dispider_vllm.perception.modules import WEIGHTS_FILE, PerceptionDecisionModules  # noqa: E402
-from dispider_vllm.types import Clip, ClipFeatures, DecisionEvent, Trigger  # noqa: E402
+from dispider_vllm.types import Clip, ClipFeatures, DecisionEvent, Frame, Trigger  # noqa: E402
 from dispider_vllm.video.synth import make_test_frames  # noqa: E402
 
 ATOL = 1e-4
@@ -142,6 +143,8 @@ def test_clips_of_frames_are_preprocessed_by_the_encoder_as_on_the_host(modules,
     clips = [make_clip_of(first, config), make_frames_clip(first, config), make_frames_clip(second, config),
              make_clip_of(second, config)]
     assert [clip.preprocessed for clip in clips] == [True, False, False, True]
+    large = ClipWindow(2, 32.0, 48.0, tuple(Frame(float(i), np.zeros((720, 1281, 3), np.uint8)) for i in range(16)))
+    assert make_frames_clip(large, config).preprocessed  # above 1280x720: preprocessed on the host
     features = PerceptionEncoder(modules, max_graph_clips=max_graph_clips, preprocessor=config).encode(clips)
     for name in ("raw", "memory", "indicator"):
         host_first, frames_first, frames_second, host_second = (getattr(f, name) for f in features)

@@ -79,11 +79,18 @@ def make_clip(window: ClipWindow, preprocessor: PreprocessorConfig) -> Clip:
     )
 
 
+# Larger frames are preprocessed on the host even for a GPU encoder: a batch of their uint8 copies and float
+# intermediates would take GPU memory by the gigabyte (a 4K frame is 25 MB as uint8, 100 MB as float).
+DEVICE_PREPROCESS_MAX_PIXELS = 1280 * 720
+
+
 def make_frames_clip(window: ClipWindow, preprocessor: PreprocessorConfig) -> Clip:
     """The window's frames stacked as they came, uint8 [16, H, W, 3], for the encoder to preprocess on its device
     (a quarter of the preprocessed clip's bytes at 320x240, and no CPU work but the copy). Frames of different
-    sizes cannot be stacked: such a window is preprocessed here, as :func:`make_clip` does."""
-    if len({frame.pixels.shape for frame in window.frames}) > 1:
+    sizes cannot be stacked, and frames above 1280x720 pixels would cost the GPU too much memory: such a window is
+    preprocessed here, as :func:`make_clip` does."""
+    shapes = {frame.pixels.shape for frame in window.frames}
+    if len(shapes) > 1 or max(shape[0] * shape[1] for shape in shapes) > DEVICE_PREPROCESS_MAX_PIXELS:
         return make_clip(window, preprocessor)
     return Clip(
         index=window.index,

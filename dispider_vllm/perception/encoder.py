@@ -41,6 +41,8 @@ from .frames import PreprocessorConfig, preprocess_on_device
 from .modules import PerceptionDecisionModules
 
 IMAGE_PLACEHOLDER = "<image>"
+# Frames preprocessed on the device per pass, which bounds the float intermediates (64 frames of 1280x720: 700 MB).
+PREPROCESS_FRAMES_PER_PASS = 64
 TIME_PROMPT = "This contains a clip sampled in {start} to {end} seconds" + IMAGE_PLACEHOLDER
 
 
@@ -295,9 +297,12 @@ class PerceptionEncoder:
                 continue
             frames = torch.empty((len(run), *pixels[0].shape), dtype=torch.uint8, device=target.device)
             self._copy_stacked(pixels, frames, self._frame_staging)
+            flat_frames = frames.flatten(0, 1)
+            flat_target = target[start:end].view(-1, *target.shape[2:])  # a view: written in place
             with record_function("perception.preprocess_frames"):
-                target[start:end] = preprocess_on_device(frames.flatten(0, 1), self.preprocessor).unflatten(
-                    0, frames.shape[:2])
+                for first in range(0, flat_frames.shape[0], PREPROCESS_FRAMES_PER_PASS):
+                    last = first + PREPROCESS_FRAMES_PER_PASS
+                    flat_target[first:last] = preprocess_on_device(flat_frames[first:last], self.preprocessor)
 
     @staticmethod
     def _copy_stacked(pieces: Sequence[torch.Tensor], target: torch.Tensor, staging_pair: _PinnedPair) -> None:
