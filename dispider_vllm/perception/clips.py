@@ -86,7 +86,7 @@ DEVICE_PREPROCESS_MAX_PIXELS = 1280 * 720
 
 def make_frames_clip(window: ClipWindow, preprocessor: PreprocessorConfig) -> Clip:
     """The window's frames stacked as they came, uint8 [16, H, W, 3], for the encoder to preprocess on its device
-    (a quarter of the preprocessed clip's bytes at 320x240, and no CPU work but the copy). Frames of different
+    (38% of the preprocessed clip's bytes at 320x240, and no CPU work but the copy). Frames of different
     sizes cannot be stacked, and frames above 1280x720 pixels would cost the GPU too much memory: such a window is
     preprocessed here, as :func:`make_clip` does."""
     shapes = {frame.pixels.shape for frame in window.frames}
