@@ -3,6 +3,7 @@
     python benchmarks/frame_path_bench.py --out /tmp/frame_path.json                  # tiny checkpoint, CPU
     python benchmarks/frame_path_bench.py --sessions 32 --seconds 60 --out benchmarks/results/frame_path_h200.json \\
         -- --checkpoint /tmp/dispider-streams/split --respond-every 8
+    python benchmarks/frame_path_bench.py --compare-ring --frame-size 640x360 --out /tmp/frame_ring.json
 
 Every live frame crosses the server's process (HTTP request, JPEG decode, hand-off to the sidecar) and the
 sidecar's (sampling, resize and normalise into clips) before any GPU work. One Python process has one core's worth
@@ -14,6 +15,9 @@ The run starts the server (its arguments after ``--``; default: the tiny random 
 ``--seconds``, one request in flight per session. It reads the CPU times of the server's process and of each
 child (the sidecar, vLLM's engine core) before and after. The sidecar's figure includes its model work when it
 runs on the CPU; on a GPU host it is the host-side share.
+
+``--compare-ring`` runs it twice, in one go: frames' pixels pickled through the sidecar's pipe (the server with
+``--frame-ring-mb 0``), then through the shared-memory frame ring (the server's default), and reports the ratios.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from pathlib import Path
 
 import httpx
 import psutil
+from prometheus_client.parser import text_string_to_metric_families
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -98,6 +103,24 @@ async def drive(url: str, sessions: int, seconds: float, jpegs: list[bytes]) -> 
     return rtts, elapsed
 
 
+def frames_sent_by_way(url: str) -> dict[str, float]:
+    """The server's count of frames handed to the sidecar through the ring and through the pipe."""
+    text = httpx.get(url + "/metrics", timeout=10).text
+    return {sample.labels["way"]: sample.value for family in text_string_to_metric_families(text)
+            if family.name == "dispider_sidecar_frames_sent" for sample in family.samples}
+
+
+def transit_quantiles(url: str) -> dict[str, float | None]:
+    """Frames' transit to the sidecar (the server's receipt -> the sidecar's intake): bucket bounds of p50/p99."""
+    text = httpx.get(url + "/metrics", timeout=10).text
+    buckets = [(float(sample.labels["le"]), sample.value) for family in text_string_to_metric_families(text)
+               if family.name == "dispider_sidecar_transit_seconds" for sample in family.samples
+               if sample.name.endswith("_bucket")]
+    total = buckets[-1][1] if buckets else 0
+    return {name: next((bound for bound, count in buckets if count >= q * total), None) if total else None
+            for name, q in (("p50_le", 0.5), ("p99_le", 0.99))}
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
@@ -111,6 +134,7 @@ def measure(url: str, pid: int, args) -> dict:
     before = snapshot(processes)
     rtts, elapsed = asyncio.run(drive(url, args.sessions, args.seconds, jpegs))
     after = snapshot(processes)
+    time.sleep(1.5)  # the sidecar reports its counts once a second
     pushed = len(rtts)
     per_frame_ms = {role: (after[role] - before[role]) * 1000 / pushed for role in after if role in before}
     server_ms = per_frame_ms.get("server", float("nan"))
@@ -120,6 +144,8 @@ def measure(url: str, pid: int, args) -> dict:
         "push_rtt_s": {"p50": percentile(rtts, 0.5), "p90": percentile(rtts, 0.9), "p99": percentile(rtts, 0.99)},
         "cpu_ms_per_frame": per_frame_ms,
         "streams_per_server_core": 1000 / server_ms if server_ms > 0 else None,
+        "frames_sent_by_way": frames_sent_by_way(url),
+        "transit_s": transit_quantiles(url),
     }
 
 
@@ -145,6 +171,35 @@ def run(args, serve_args: list[str]) -> dict:
         return measure(server.url, server.pid, args)
 
 
+def compare_ring(args, serve_args: list[str]) -> dict:
+    """The same push load twice, on two servers one after the other: pipe, then ring."""
+    print("[frame-path] frames through the pipe (--frame-ring-mb 0)", flush=True)
+    pipe = run(args, [*serve_args, "--frame-ring-mb", "0"])
+    print("[frame-path] frames through the shared-memory ring", flush=True)
+    ring = run(args, serve_args)
+
+    def ratio(numerator: float | None, denominator: float | None) -> float | None:
+        return round(numerator / denominator, 3) if numerator and denominator else None
+
+    return {"pipe": pipe, "ring": ring, "ratios": {
+        "server_cpu_ms_per_frame_pipe_over_ring": ratio(pipe["cpu_ms_per_frame"].get("server"),
+                                                        ring["cpu_ms_per_frame"].get("server")),
+        "sidecar_cpu_ms_per_frame_pipe_over_ring": ratio(pipe["cpu_ms_per_frame"].get("sidecar"),
+                                                         ring["cpu_ms_per_frame"].get("sidecar")),
+        "frames_per_s_ring_over_pipe": ratio(ring["frames_per_s"], pipe["frames_per_s"]),
+    }}
+
+
+def print_result(result: dict, sessions: int) -> None:
+    print(f"\n{result['frames']} frames in {result['seconds']:.1f} s ({result['frames_per_s']:.1f}/s) from "
+          f"{sessions} sessions; push RTT p50 {result['push_rtt_s']['p50'] * 1000:.1f} ms; frames sent by way "
+          f"{result['frames_sent_by_way']}; transit to the sidecar {result['transit_s']}")
+    for role, ms in sorted(result["cpu_ms_per_frame"].items(), key=lambda item: -item[1]):
+        print(f"  {role:28} {ms:8.2f} CPU ms per frame")
+    if result["streams_per_server_core"]:
+        print(f"one server process takes at most ~{result['streams_per_server_core']:.0f} frames/s (1-fps streams)")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     serve_args = argv[argv.index("--") + 1:] if "--" in argv else []
@@ -155,13 +210,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--frame-size", default="320x240", metavar="WxH", help="pushed frame size (default 320x240)")
     parser.add_argument("--url", help="a running server instead of starting one (needs --pid)")
     parser.add_argument("--pid", type=int, help="with --url: the server's process id")
+    parser.add_argument("--compare-ring", action="store_true",
+                        help="run twice: frames pickled through the sidecar's pipe, then through the frame ring")
     parser.add_argument("--out", type=Path, help="write the JSON report here")
     args = parser.parse_args(argv)
     if args.url and not args.pid:
         parser.error("--url needs --pid (the server's process, whose CPU time is measured)")
+    if args.url and args.compare_ring:
+        parser.error("--compare-ring starts its own two servers: leave out --url")
 
     try:
-        result = run(args, serve_args)
+        result = compare_ring(args, serve_args) if args.compare_ring else run(args, serve_args)
     except psutil.NoSuchProcess:
         parser.error(f"--pid {args.pid}: no such process (the server's process id: /health's placement.server_pid)")
     except (httpx.HTTPError, ServerStartError) as error:
@@ -172,12 +231,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"\n{result['frames']} frames in {result['seconds']:.1f} s ({result['frames_per_s']:.1f}/s) from "
-          f"{args.sessions} sessions; push RTT p50 {result['push_rtt_s']['p50'] * 1000:.1f} ms")
-    for role, ms in sorted(result["cpu_ms_per_frame"].items(), key=lambda item: -item[1]):
-        print(f"  {role:28} {ms:8.2f} CPU ms per frame")
-    if result["streams_per_server_core"]:
-        print(f"one server process takes at most ~{result['streams_per_server_core']:.0f} frames/s (1-fps streams)")
+    for name, single in ((("pipe", result["pipe"]), ("ring", result["ring"])) if args.compare_ring
+                         else (("", result),)):
+        if name:
+            print(f"\n== {name}")
+        print_result(single, args.sessions)
+    if args.compare_ring:
+        print(f"\nratios: {result['ratios']}")
     return 0
 
 

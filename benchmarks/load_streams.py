@@ -31,6 +31,8 @@ decision latency grows over the run (least-squares rise over the run <= ``--grow
 latency <= 2 s, p99 time to first token <= 1.5 s, every session decided every clip with no errors.
 ``--sweep N1 N2 ...`` runs each N in increasing order, stops after the first that is not real-time, and reports
 the largest that was. Needs ``--respond-every`` on the server for a steady answer rate with random weights.
+With N = 1 in the sweep (the idle server), ``sweep.latency_vs_idle`` rates each run's decision latency against
+it and names the largest real-time N within ``--idle-factor`` (1.5) of it.
 Before the first run, one short stream warms the server up (first batches, compilation); ``--no-warmup`` skips it.
 
 One client process cannot push 256 streams in real time (its event loop lags and frames go late), so
@@ -926,6 +928,9 @@ def build_parser() -> argparse.ArgumentParser:
     count.add_argument("--streams", type=int, default=4, metavar="N", help="concurrent streams (default 4)")
     count.add_argument("--sweep", type=int, nargs="+", metavar="N", help="run each N (ascending) until one is not "
                                                                          "real-time; report the largest that was")
+    parser.add_argument("--idle-factor", type=float, default=1.5, metavar="X",
+                        help="with --sweep including N=1 (the idle server): report the largest N whose decision "
+                             "latency stays within X times the idle run's (default 1.5)")
     parser.add_argument("--sweep-all", action="store_true", help="with --sweep: run every N even after a failure")
     parser.add_argument("--duration", type=float, default=120.0, metavar="S", help="video seconds per stream "
                                                                                      "(default 120)")
@@ -992,7 +997,8 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace, server
     if min(counts) < 1:
         parser.error("stream counts must be >= 1")
     for flag, value in (("--duration", args.duration), ("--fps", args.fps), ("--speed", args.speed),
-                        ("--drop-after", args.drop_after), ("--drain-timeout", args.drain_timeout)):
+                        ("--drop-after", args.drop_after), ("--drain-timeout", args.drain_timeout),
+                        ("--idle-factor", args.idle_factor)):
         if not value > 0:
             parser.error(f"{flag} must be > 0")
     if args.stagger < 0:
@@ -1158,6 +1164,10 @@ def main(argv: list[str] | None = None) -> None:
     report = make_report(args, config, counts, video, frames, url, server, health, started, runs, complete=True)
     if args.sweep:
         print(f"largest real-time N: {report['sweep']['max_realtime_streams']}", flush=True)
+        if (against_idle := report["sweep"]["latency_vs_idle"]) is not None:
+            print(f"largest real-time N with decision latency within {args.idle_factor:g}x of the idle run's: "
+                  f"p50 {against_idle['largest_streams_within_factor_p50']}, p50 and p99 "
+                  f"{against_idle['largest_streams_within_factor_p50_p99']}", flush=True)
     if args.out:
         write_report(args.out, report)
 
@@ -1196,8 +1206,35 @@ def make_report(args: argparse.Namespace, config: LoadConfig, counts: list[int],
             "first_not_realtime": first_fail,
             "criteria": {"max_p99_decision_s": config.max_p99_decision_s, "max_p99_ttft_s": config.max_p99_ttft_s,
                          "growth_tolerance_s": config.growth_tolerance_s, "frames_dropped": 0},
+            "latency_vs_idle": latency_against_idle(runs, args.idle_factor),
         }
     return report
+
+
+def latency_against_idle(runs: list[dict], factor: float) -> dict | None:
+    """Each run's decision latency (the server's) over the idle server's, i.e. the sweep's one-stream run, and the
+    largest real-time N whose p50 (and, apart, whose p50 and p99) stay within ``factor`` of it. None without a
+    one-stream run. The idle run has one decision per clip of its one stream: its p99 is about its slowest."""
+    idle = next((run for run in runs if run["streams"] == 1), None)
+    base = idle["decisions"]["latency_server_s"] if idle else {}
+    if not base.get("p50") or not base.get("p99"):
+        return None
+    rows = []
+    for run in runs:
+        latency = run["decisions"]["latency_server_s"]
+        rows.append({"streams": run["streams"], "realtime": run["realtime"]["ok"],
+                     "p50_s": latency["p50"], "p99_s": latency["p99"],
+                     "p50_over_idle": _r(latency["p50"] / base["p50"]) if latency["p50"] is not None else None,
+                     "p99_over_idle": _r(latency["p99"] / base["p99"]) if latency["p99"] is not None else None})
+
+    def largest(keys: tuple[str, ...]) -> int | None:
+        within = [row["streams"] for row in rows
+                  if row["realtime"] and all(row[key] is not None and row[key] <= factor for key in keys)]
+        return max(within, default=None)
+
+    return {"idle_decisions": idle["decisions"]["count"], "idle_p50_s": base["p50"], "idle_p99_s": base["p99"],
+            "factor": factor, "runs": rows, "largest_streams_within_factor_p50": largest(("p50_over_idle",)),
+            "largest_streams_within_factor_p50_p99": largest(("p50_over_idle", "p99_over_idle"))}
 
 
 if __name__ == "__main__":

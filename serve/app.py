@@ -107,6 +107,7 @@ def make_backends(config: ServerConfig, parts: ModelParts) -> Backends:
         cuda_graphs=config.cuda_graphs,
         turn_log=config.sidecar_turn_log,
         quantization=config.sidecar_quantization,
+        frame_ring_mb=config.frame_ring_mb,
     ))
     engine = ReactionEngine(ReactionEngineConfig(
         model_dir=str(parts.reaction_dir),
@@ -152,7 +153,7 @@ def build_app(config: ServerConfig, backends: Backends) -> Starlette:
     metrics = ServerMetrics()
     gc_pauses = GcPauseMeter()
     metrics.watch(backends.sidecar.is_alive, backends.engine.is_alive, lambda: backends.sidecar.last_stats,
-                  server_gc_pauses=gc_pauses.snapshot)
+                  server_gc_pauses=gc_pauses.snapshot, frames_sent=lambda: dict(backends.sidecar.frames_sent))
     directory = config.tenant_directory()
     admission = Admission(config.stream_capacity())
 
@@ -222,7 +223,8 @@ async def health(request: Request) -> Response:
     status = "ok" if sidecar and engine else "unhealthy"
     ready = backends.sidecar.ready_info
     body = {"status": status, "sidecar": sidecar, "engine": engine,
-            "placement": {**backends.placement.describe(), "server_pid": os.getpid(), "sidecar_pid": backends.sidecar.pid},
+            "placement": {**backends.placement.describe(), "server_pid": os.getpid(), "sidecar_pid": backends.sidecar.pid,
+                          "frame_ring_mib": backends.sidecar.frame_ring_mib},
             "sidecar_features": ready.features if ready else None}
     return JSONResponse(body, status_code=200 if status == "ok" else 503)
 

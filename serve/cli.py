@@ -118,6 +118,11 @@ def build_parser() -> argparse.ArgumentParser:
                          help="fp8: the sidecar's matmuls (CLIP, projector, compact LLM) with FP8 weights and "
                               "per-call FP8 activations (dispider_vllm/fp8.py; on a GPU it needs compute capability "
                               "8.9+). Faster perception and decision, changed numerics; default off")
+    sidecar.add_argument("--frame-ring-mb", type=int, default=defaults.frame_ring_mb, metavar="MIB",
+                         help="shared memory (in /dev/shm) that carries pushed frames' pixels to the sidecar "
+                              f"process; only their place goes through its pipe (default {defaults.frame_ring_mb}; "
+                              "cut to half of what /dev/shm has free; a frame that does not fit goes through the "
+                              "pipe; 0: every frame pickled through the pipe)")
     sidecar.add_argument("--max-batch-clips", type=int, default=defaults.max_batch_clips, metavar="N",
                          help=f"clips of all streams perceived in one batch (default {defaults.max_batch_clips})")
     forced = sidecar.add_mutually_exclusive_group()
@@ -182,6 +187,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         sidecar_kv_slots=args.sidecar_kv_slots,
         cuda_graphs=args.cuda_graphs, sidecar_turn_log=args.sidecar_turn_log,
         sidecar_quantization=args.sidecar_quantization, quantization=args.quantization,
+        frame_ring_mb=args.frame_ring_mb,
         max_batch_clips=args.max_batch_clips, respond_every=args.respond_every,
         respond_probability=args.respond_probability,
         default_max_tokens=args.default_max_tokens, max_upload_mb=args.max_upload_mb,
@@ -215,8 +221,10 @@ def _check(parser: argparse.ArgumentParser, config: ServerConfig) -> str:
     for flag, value in positive.items():
         if value < 1:
             parser.error(f"{flag} must be >= 1")
-    if config.preprocess_workers < 0:
-        parser.error("--preprocess-workers must be >= 0")
+    for flag, value in {"--preprocess-workers": config.preprocess_workers,
+                        "--frame-ring-mb": config.frame_ring_mb}.items():
+        if value < 0:
+            parser.error(f"{flag} must be >= 0")
     if config.respond_probability is not None and not 0 <= config.respond_probability <= 1:
         parser.error("--respond-probability must be between 0 and 1")
     if config.sidecar_turn_log and (problem := _unwritable(Path(config.sidecar_turn_log))):

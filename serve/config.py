@@ -41,6 +41,7 @@ class ServerConfig:
     cuda_graphs: bool = True  # the sidecar's small steps from CUDA graphs (GPU only)
     sidecar_turn_log: str | None = None  # a JSON line per sidecar turn here (latency analysis)
     sidecar_quantization: str | None = None  # "fp8": the sidecar's matmuls in FP8 (dispider_vllm/fp8.py)
+    frame_ring_mb: int = 256  # shared memory carrying frames' pixels to the sidecar (0: pickled through the pipe)
     max_batch_clips: int = 32
     respond_every: int | None = None
     respond_probability: float | None = None  # or answer each clip with this probability

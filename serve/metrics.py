@@ -98,25 +98,38 @@ class ServerMetrics:
         self.registry.register(_TenantCollector(sessions_by_tenant, capacity))
 
     def watch(self, sidecar_alive: Callable[[], bool], engine_alive: Callable[[], bool], sidecar_stats,
-              server_gc_pauses: Callable[[], dict[str, HistogramCounts]] | None = None) -> None:
-        """Report the health and queues of the sidecar and the engine, and both processes' garbage collections
-        (``server_gc_pauses``: this process's, by generation), when scraped."""
-        self.registry.register(_ProcessCollector(sidecar_alive, engine_alive, sidecar_stats, server_gc_pauses))
+              server_gc_pauses: Callable[[], dict[str, HistogramCounts]] | None = None,
+              frames_sent: Callable[[], dict[str, int]] | None = None) -> None:
+        """Report the health and queues of the sidecar and the engine, both processes' garbage collections
+        (``server_gc_pauses``: this process's, by generation) and how frames went to the sidecar (``frames_sent``:
+        by way, ring or pipe), when scraped."""
+        self.registry.register(
+            _ProcessCollector(sidecar_alive, engine_alive, sidecar_stats, server_gc_pauses, frames_sent)
+        )
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
 
 class _ProcessCollector(Collector):
-    def __init__(self, sidecar_alive, engine_alive, sidecar_stats, server_gc_pauses) -> None:
+    def __init__(self, sidecar_alive, engine_alive, sidecar_stats, server_gc_pauses, frames_sent) -> None:
         self._sidecar_alive = sidecar_alive
         self._engine_alive = engine_alive
         self._sidecar_stats = sidecar_stats  # () -> SidecarStats | None, the sidecar's latest report
         self._server_gc_pauses = server_gc_pauses
+        self._frames_sent = frames_sent
 
     def collect(self) -> Iterator:
         yield GaugeMetricFamily("dispider_sidecar_up", "1 when the sidecar is alive", value=self._sidecar_alive())
         yield GaugeMetricFamily("dispider_engine_up", "1 when the reaction engine is alive", value=self._engine_alive())
+        if self._frames_sent is not None:
+            by_way = CounterMetricFamily(
+                "dispider_sidecar_frames_sent", "Frames sent to the sidecar, by the way their pixels went: ring "
+                "(shared memory) or pipe (pickled: the ring was full, or --frame-ring-mb 0)", labels=["way"],
+            )
+            for way, count in self._frames_sent().items():
+                by_way.add_metric([way], count)
+            yield by_way
         stats = self._sidecar_stats()
         if (gc_family := self._gc_pauses(stats)) is not None:
             yield gc_family

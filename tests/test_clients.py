@@ -256,6 +256,22 @@ def test_load_benchmark_merges_client_processes(dispider_server, tmp_path):
     assert_numbers_finite(report)
 
 
+def test_load_benchmark_rates_each_runs_decision_latency_against_the_idle_run():
+    bench = load_benchmark_module()
+
+    def run(streams, p50, p99, realtime=True):
+        return {"streams": streams, "realtime": {"ok": realtime},
+                "decisions": {"count": 6 * streams, "latency_server_s": {"p50": p50, "p99": p99}}}
+
+    runs = [run(1, 0.02, 0.1), run(64, 0.025, 0.14), run(128, 0.029, 0.2), run(256, 0.04, 0.12), run(512, 0.02, 0.1, False)]
+    rated = bench.latency_against_idle(runs, 1.5)
+    assert rated["idle_p50_s"] == 0.02 and rated["idle_decisions"] == 6
+    assert [row["p50_over_idle"] for row in rated["runs"]] == [1.0, 1.25, 1.45, 2.0, 1.0]
+    assert rated["largest_streams_within_factor_p50"] == 128  # 512 is within, but not real-time
+    assert rated["largest_streams_within_factor_p50_p99"] == 64  # 128's p99 is 2x the idle run's
+    assert bench.latency_against_idle(runs[1:], 1.5) is None  # no idle run to compare with
+
+
 def test_load_benchmark_client_procs_auto():
     bench = load_benchmark_module()
     cap = max(1, (os.cpu_count() or 2) // 2)

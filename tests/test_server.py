@@ -154,6 +154,7 @@ def test_models_health_and_openapi(client, http, dispider_server):
     server = psutil.Process(placement["server_pid"])
     assert placement["sidecar_pid"] in {child.pid for child in server.children()}
     assert placement["sidecar_pid"] != placement["server_pid"]
+    assert 0 < placement["frame_ring_mib"] <= 256  # 256 by default, cut to half of what /dev/shm has free
     paths = http.get("/openapi.json").json()["paths"]
     session = "/v1/sessions/{session_id}"
     for path in ("/v1/chat/completions", "/v1/sessions", session, f"{session}/frames", f"{session}/questions",
@@ -250,7 +251,14 @@ def test_client_gone_ends_its_stream(http, videos, dispider_server):
 
 
 # ---- live sessions ----------------------------------------------------------------------------------------------
+def _frames_sent(http) -> dict[str, float]:
+    prefix = "dispider_sidecar_frames_sent_total{way="
+    return {line[len(prefix) + 1 : line.index('"}')]: float(line.split()[1])
+            for line in http.get("/metrics").text.splitlines() if line.startswith(prefix)}
+
+
 def test_live_session_over_http(http, dispider_server):
+    sent_before = _frames_sent(http)
     created = http.post("/v1/sessions", json={"question": QUESTION, "max_tokens": 6})
     assert created.status_code == 201, created.text
     session = created.json()
@@ -286,6 +294,10 @@ def test_live_session_over_http(http, dispider_server):
     state = http.get(f"/v1/sessions/{session['id']}").json()
     assert state["status"] == "ended" and state["frames"] == len(frames)
     assert http.delete(f"/v1/sessions/{session['id']}").json()["deleted"] is True
+    # The pixels went to the sidecar through the shared-memory frame ring (a frame finding it full goes through
+    # the sidecar's pipe: each frame one way or the other).
+    sent = {way: count - sent_before[way] for way, count in _frames_sent(http).items()}
+    assert sent["ring"] > 0 and sent["ring"] + sent["pipe"] == len(frames)
 
 
 def test_live_session_over_websocket(http, dispider_server):

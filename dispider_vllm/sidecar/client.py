@@ -4,7 +4,7 @@
     await sidecar.start()                       # spawns the process, waits for SidecarReady
     queue = sidecar.subscribe("s1")             # asyncio.Queue of that stream's events
     sidecar.send(OpenStream("s1", "What happens?"))
-    sidecar.send(PushFrames("s1", frames))
+    sidecar.send(PushFrames("s1", frames))     # pixels through the frame ring (shared memory)
     ...
     await sidecar.stop()
 """
@@ -19,11 +19,14 @@ from dataclasses import dataclass, field
 
 import torch.multiprocessing as mp
 
+from dispider_vllm.sidecar.frame_ring import FrameInRing, FrameRing
 from dispider_vllm.sidecar.protocol import (
     ClipPerceived,
     Command,
     Decision,
     Event,
+    PushFrames,
+    PushSharedFrames,
     Shutdown,
     SidecarReady,
     SidecarStats,
@@ -52,6 +55,7 @@ class SidecarConfig:
     cuda_graphs: bool = True  # small steps replayed from CUDA graphs on a GPU (dispider_vllm/cuda_graphs.py)
     turn_log: str | None = None  # a JSON line per turn of the loop here (dispider_vllm/sidecar/turn_log.py)
     quantization: str | None = None  # "fp8": both models' matmuls in FP8 (dispider_vllm/fp8.py)
+    frame_ring_mb: int = 256  # shared memory carrying frame pixels to the sidecar (0: pickled through the pipe)
     extra: dict = field(default_factory=dict)
 
 
@@ -70,14 +74,21 @@ class SidecarClient:
         self.last_stats: SidecarStats | None = None
         self.started_at = 0.0
         self.startup_error: str | None = None
+        self.frame_ring: FrameRing | None = None
+        self._ring_lock = threading.Lock()  # one writer at a time: the ring's position is the writer's own
+        self.frames_sent = {"ring": 0, "pipe": 0}  # frames by the way their pixels went to the sidecar
 
     # -- lifecycle ----------------------------------------------------------------------------------------
     async def start(self, timeout: float = 600.0) -> SidecarReady:
         from dispider_vllm.sidecar.process import run_sidecar
 
         self._loop = asyncio.get_running_loop()
+        if self.config.frame_ring_mb > 0:
+            self.frame_ring = FrameRing.create(self.config.frame_ring_mb << 20)
+        ring_name = self.frame_ring.name if self.frame_ring is not None else None
         self._process = self._ctx.Process(
-            target=run_sidecar, args=(self.config, self._commands, self._events), name="dispider-sidecar", daemon=True
+            target=run_sidecar, args=(self.config, self._commands, self._events, ring_name), name="dispider-sidecar",
+            daemon=True,
         )
         self._process.start()
         self.started_at = time.monotonic()
@@ -97,18 +108,40 @@ class SidecarClient:
             self._process.terminate()
         self._events.put(None)  # wakes the reader thread
         self._process = None
+        if self.frame_ring is not None:
+            self.frame_ring.close()
+            self.frame_ring = None
 
     @property
     def pid(self) -> int | None:
         """The sidecar process's id while it runs (to find it in ``top`` or attach a profiler)."""
         return self._process.pid if self._process is not None else None
 
+    @property
+    def frame_ring_mib(self) -> float:
+        """The frame ring's size (0 without one: frames pickled through the pipe)."""
+        return self.frame_ring.capacity / (1 << 20) if self.frame_ring is not None else 0.0
+
     def is_alive(self) -> bool:
         return self._process is not None and self._process.is_alive()
 
     # -- commands and events ------------------------------------------------------------------------------
     def send(self, command: Command) -> None:
+        if isinstance(command, PushFrames) and command.frames:
+            command = self._through_ring(command)
         self._commands.put(command)
+
+    def _through_ring(self, command: PushFrames) -> PushFrames | PushSharedFrames:
+        """The frames' pixels into the ring, their places on the pipe (whole frames where the ring is full)."""
+        if self.frame_ring is None:
+            self.frames_sent["pipe"] += len(command.frames)
+            return command
+        with self._ring_lock:
+            frames = tuple(self.frame_ring.put(frame) for frame in command.frames)
+        shared = sum(isinstance(frame, FrameInRing) for frame in frames)
+        self.frames_sent["ring"] += shared
+        self.frames_sent["pipe"] += len(frames) - shared
+        return PushSharedFrames(command.stream_id, frames, command.end_of_stream, command.received_at)
 
     def subscribe(self, stream_id: str) -> asyncio.Queue:
         queue: asyncio.Queue = asyncio.Queue()

@@ -16,10 +16,12 @@ import torch
 from dispider_vllm.gc_pauses import GcPauseMeter, freeze_startup_heap
 from dispider_vllm.sidecar.client import SidecarConfig
 from dispider_vllm.sidecar.engine import SECONDS_BUCKETS, decode_push
+from dispider_vllm.sidecar.frame_ring import FrameInRing, FrameRing
 from dispider_vllm.sidecar.protocol import (
     CountingHistogram,
     PushEncoded,
     PushFrames,
+    PushSharedFrames,
     Shutdown,
     SidecarReady,
     SidecarStats,
@@ -37,11 +39,13 @@ DECODED_FRAMES_PER_PIECE = 32
 DECODED_PIECES_PER_TURN = 4
 
 
-def run_sidecar(config: SidecarConfig, commands, events) -> None:
-    """Process entry point. Startup failures are sent back as a string so the server can say why."""
+def run_sidecar(config: SidecarConfig, commands, events, frame_ring: str | None = None) -> None:
+    """Process entry point (``frame_ring``: the name of the server's FrameRing). Startup failures are sent back as
+    a string so the server can say why."""
     # Under CUDA MPS the sidecar's kernels go first: the reaction's run at the priority the server gave them.
     os.environ["CUDA_MPS_CLIENT_PRIORITY"] = "0"  # before this process's first CUDA call
     try:
+        ring = FrameRing.attach(frame_ring) if frame_ring else None
         engine = _build_engine(config)
         captured = engine.capture_graphs()  # on a GPU: before the first stream, not during its steps
         log.info("sidecar CUDA graphs captured at start: %s", captured)
@@ -53,12 +57,14 @@ def run_sidecar(config: SidecarConfig, commands, events) -> None:
     gc_pauses = GcPauseMeter()
     events.put(SidecarReady(device=config.device, model=config.part_dir, features=engine.features()))
     try:
-        _serve(engine, commands, events, gc_pauses, turn_log)
+        _serve(engine, CommandIntake(commands, ring), events, gc_pauses, turn_log)
     finally:
         gc_pauses.close()
         if turn_log is not None:
             turn_log.close()
         engine.close()
+        if ring is not None:
+            ring.close()
 
 
 def _build_engine(config: SidecarConfig):
@@ -157,8 +163,9 @@ class VideoDecoder:
 
 
 class CommandIntake:
-    """Reads the server's commands off the process pipe on a thread of its own, into an in-process queue; times
-    each frame push from the server's receipt to here (``transit_seconds``).
+    """Reads the server's commands off the process pipe on a thread of its own, into an in-process queue; copies
+    shared frames out of the frame ring as they come; times each frame push from the server's receipt to here
+    (``transit_seconds``).
 
     The pipe holds less than one 320x240 frame, and the server's feeder thread writes the next command only after
     the previous one has been read; a loop that read the pipe only between batched steps took about one frame per
@@ -166,24 +173,30 @@ class CommandIntake:
     flowing during steps (the main thread waits on the GPU with the GIL released), and a drain takes it all.
     """
 
-    def __init__(self, commands) -> None:
+    def __init__(self, commands, ring: FrameRing | None = None) -> None:
         self.queue: queue.Queue = queue.Queue()
         self.transit_seconds = CountingHistogram(SECONDS_BUCKETS)
+        self._ring = ring
         threading.Thread(target=self._pump, args=(commands,), name="sidecar-intake", daemon=True).start()
 
     def _pump(self, commands) -> None:
         while True:
             command = commands.get()
+            if isinstance(command, PushSharedFrames):
+                command = self._unshared(command)
             if isinstance(command, (PushFrames, PushEncoded)) and command.received_at:
                 self.transit_seconds.observe(max(0.0, time.time() - command.received_at))
             self.queue.put(command)
             if isinstance(command, Shutdown):
                 return
 
+    def _unshared(self, command: PushSharedFrames) -> PushFrames:
+        frames = tuple(self._ring.take(frame) if isinstance(frame, FrameInRing) else frame for frame in command.frames)
+        return PushFrames(command.stream_id, frames, command.end_of_stream, command.received_at)
 
-def _serve(engine, commands, events, gc_pauses: GcPauseMeter, turn_log: TurnLog | None = None) -> None:
+
+def _serve(engine, intake: CommandIntake, events, gc_pauses: GcPauseMeter, turn_log: TurnLog | None = None) -> None:
     decoder = VideoDecoder()
-    intake = CommandIntake(commands)
     last_stats = 0.0
     while True:
         idle = not engine.has_work() and not decoder.has_ready()

@@ -2,7 +2,8 @@
 
 Commands go in (server -> sidecar), events come out (sidecar -> server); nothing flows back into perception
 from the reaction, so the sidecar never waits on it. Tensors travel through ``torch.multiprocessing`` queues,
-which move their storage through shared memory instead of pickling the bytes.
+which move their storage through shared memory instead of pickling the bytes; pushed frames' pixels go through
+the frame ring (``frame_ring.py``) and only their place through the queue (``PushSharedFrames``).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import bisect
 from dataclasses import dataclass, field
 from typing import Union
 
+from dispider_vllm.sidecar.frame_ring import FrameInRing
 from dispider_vllm.types import DecisionEvent, Frame, Trigger
 
 
@@ -41,6 +43,17 @@ class PushFrames:
 
 
 @dataclass(frozen=True)
+class PushSharedFrames:
+    """``PushFrames`` on the pipe when its pixels lie in the frame ring (``frame_ring.py``; a frame that did not fit
+    comes along whole). The sidecar's intake turns it back into ``PushFrames`` as it arrives."""
+
+    stream_id: str
+    frames: tuple[FrameInRing | Frame, ...]
+    end_of_stream: bool = False
+    received_at: float | None = None
+
+
+@dataclass(frozen=True)
 class PushEncoded:
     """A chunk of an encoded video (a whole file, or a self-contained segment) to decode in the sidecar."""
 
@@ -67,7 +80,7 @@ class Shutdown:
     pass
 
 
-Command = Union[OpenStream, PushFrames, PushEncoded, AskQuestion, CloseStream, Shutdown]
+Command = Union[OpenStream, PushFrames, PushSharedFrames, PushEncoded, AskQuestion, CloseStream, Shutdown]
 
 
 # ---- events ---------------------------------------------------------------------------------------------

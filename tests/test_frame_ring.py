@@ -1,0 +1,86 @@
+"""The frame ring: frames' pixels from the server to the sidecar through shared memory, in order, never lost."""
+
+from __future__ import annotations
+
+import multiprocessing
+import time
+
+import numpy as np
+import pytest
+
+from dispider_vllm.sidecar.frame_ring import ALIGN, FrameInRing, FrameRing
+from dispider_vllm.sidecar.protocol import PushFrames, PushSharedFrames, Shutdown
+from dispider_vllm.types import Frame
+
+
+def _frame(index: int, shape=(24, 32, 3)) -> Frame:
+    rng = np.random.default_rng(index)
+    return Frame(float(index), rng.integers(0, 256, shape, dtype=np.uint8))
+
+
+@pytest.fixture
+def ring_pair():
+    frame_bytes = 24 * 32 * 3  # 2304, a multiple of ALIGN
+    writer = FrameRing.create(int(3.5 * frame_bytes))  # three frames and a half: every fourth one wraps
+    reader = FrameRing.attach(writer.name)
+    yield writer, reader
+    reader.close()
+    writer.close()
+
+
+def test_frames_cross_the_ring_in_order_and_wrap_around(ring_pair):
+    writer, reader = ring_pair
+    offsets = []
+    for index in range(20):
+        frame = _frame(index)
+        place = writer.put(frame)
+        assert isinstance(place, FrameInRing)
+        offsets.append(place.offset)
+        taken = reader.take(place)
+        assert taken.timestamp == frame.timestamp
+        np.testing.assert_array_equal(taken.pixels, frame.pixels)
+    assert offsets[:5] == [0, 2304, 4608, 0, 2304]  # the half-frame tail is skipped, not split
+    assert all(offset % ALIGN == 0 for offset in offsets)
+
+
+def test_a_full_ring_hands_the_frame_back_whole_until_the_reader_catches_up(ring_pair):
+    writer, reader = ring_pair
+    places = [writer.put(_frame(i)) for i in range(3)]
+    assert all(isinstance(place, FrameInRing) for place in places)
+    overflow = _frame(3)
+    assert writer.put(overflow) is overflow  # no room: it goes through the pipe as it is
+    assert writer.put(_frame(4, shape=(240, 320, 3))).timestamp == 4.0  # larger than the ring: whole as well
+    for place in places:  # the pixels still in the ring were not overwritten by the refused frames
+        np.testing.assert_array_equal(reader.take(place).pixels, _frame(int(place.timestamp)).pixels)
+    assert isinstance(writer.put(_frame(5)), FrameInRing)
+
+
+def test_frames_of_other_types_go_whole(ring_pair):
+    writer, _ = ring_pair
+    floats = Frame(0.0, np.zeros((4, 4, 3), np.float32))
+    assert writer.put(floats) is floats
+
+
+def test_the_intake_turns_shared_frames_back_into_frames_in_order(ring_pair):
+    """The sidecar's intake copies each frame out as its command arrives; frames that came whole stay in place."""
+    from dispider_vllm.sidecar.process import CommandIntake, _drain
+
+    writer, reader = ring_pair
+    commands = multiprocessing.get_context("spawn").Queue()
+    intake = CommandIntake(commands, reader)
+    sent = [_frame(i) for i in range(12)]
+    for first in range(0, 12, 4):  # four frames a push: the fourth of each does not fit until the reader moves
+        places = tuple(writer.put(frame) for frame in sent[first : first + 4])
+        commands.put(PushSharedFrames("s", places, received_at=time.time()))
+        deadline = time.monotonic() + 30
+        while intake.queue.qsize() < first // 4 + 1 and time.monotonic() < deadline:
+            time.sleep(0.005)
+    commands.put(Shutdown())
+    drained = _drain(intake.queue, block=True)
+    pushes = [command for command in drained if isinstance(command, PushFrames)]
+    received = [frame for push in pushes for frame in push.frames]
+    assert [frame.timestamp for frame in received] == [frame.timestamp for frame in sent]
+    for got, want in zip(received, sent):
+        np.testing.assert_array_equal(got.pixels, want.pixels)
+    assert intake.transit_seconds.snapshot().counts  # each push was timed
+    assert sum(intake.transit_seconds.snapshot().counts) == 3
