@@ -84,3 +84,13 @@ def test_the_intake_turns_shared_frames_back_into_frames_in_order(ring_pair):
         np.testing.assert_array_equal(got.pixels, want.pixels)
     assert intake.transit_seconds.snapshot().counts  # each push was timed
     assert sum(intake.transit_seconds.snapshot().counts) == 3
+
+
+def test_no_room_in_dev_shm_means_frames_through_the_pipe(monkeypatch):
+    """A ring is cut to a share of what /dev/shm has free; with none to spare there is no ring, and the server's
+    sidecar client sends frames through the pipe instead of failing to start."""
+    from dispider_vllm.sidecar import client, frame_ring
+
+    monkeypatch.setattr(frame_ring, "SHM_SHARE", 0.0)
+    assert FrameRing.create(1 << 20) is None
+    assert client._frame_ring(256) is None

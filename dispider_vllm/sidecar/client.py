@@ -84,7 +84,7 @@ class SidecarClient:
 
         self._loop = asyncio.get_running_loop()
         if self.config.frame_ring_mb > 0:
-            self.frame_ring = FrameRing.create(self.config.frame_ring_mb << 20)
+            self.frame_ring = _frame_ring(self.config.frame_ring_mb)
         ring_name = self.frame_ring.name if self.frame_ring is not None else None
         self._process = self._ctx.Process(
             target=run_sidecar, args=(self.config, self._commands, self._events, ring_name), name="dispider-sidecar",
@@ -174,6 +174,18 @@ class SidecarClient:
             queue = self._subscribers.get(stream_id) if stream_id is not None else None
             if queue is not None and self._loop is not None:
                 self._loop.call_soon_threadsafe(queue.put_nowait, event)
+
+
+def _frame_ring(mib: int) -> FrameRing | None:
+    """The frame ring, or None (frames through the pipe) where shared memory cannot be had: serving goes on."""
+    try:
+        ring = FrameRing.create(mib << 20)
+    except OSError as error:
+        log.warning("no frame ring (%s): frames go to the sidecar through its pipe", error)
+        return None
+    if ring is None:
+        log.warning("no frame ring (/dev/shm has no room): frames go to the sidecar through its pipe")
+    return ring
 
 
 def _stream_of(event: Event) -> str | None:

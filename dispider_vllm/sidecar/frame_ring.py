@@ -1,10 +1,11 @@
 """Frames from the server to the sidecar through shared memory: the pipe carries only where each frame lies.
 
-Pickled through the process pipe, a 640x360 frame (675 KiB) costs the server's feeder thread and the sidecar's
-intake thread over a millisecond of interpreter each, in 64 KiB writes and reads that take turns on both
-processes' GILs: a few hundred frames/s at most (``benchmarks/frame_path_bench.py --compare-ring``). Instead the
-server copies each frame's pixels into a ring of shared memory and sends their place; the sidecar's intake thread
-copies them out as the commands arrive, in the order they were written, and moves the ring's read position on.
+Pickled through the process pipe, each frame's bytes go in 64 KiB writes and reads that take turns on both
+processes' GILs (the server's queue feeder thread, the sidecar's intake thread): at 640 live streams on an H200
+frames took 3.0 s at p99 to arrive, and clips piled up (docs/benchmarks.md, "Frames through shared memory").
+Instead the server copies each frame's pixels into a ring of shared memory and sends their place; the sidecar's
+intake thread copies them out as the commands arrive, in the order they were written, and moves the ring's read
+position on.
 
 One writer (the server's event loop) and one reader (the sidecar's intake thread), both in command order, so two
 positions are the whole protocol: the writer's, kept by the writer, and the reader's, in the ring's header. A
