@@ -87,7 +87,9 @@ async def push_back_to_back(http: httpx.AsyncClient, session_id: str, jpegs: lis
 
 
 async def drive(url: str, sessions: int, seconds: float, jpegs: list[bytes]) -> tuple[list[float], float]:
-    limits = httpx.Limits(max_connections=sessions + 4, max_keepalive_connections=sessions + 4)
+    # Idle connections are forgotten well before the server's keep-alive timeout (uvicorn: 5 s): reusing one the
+    # server is closing at that moment fails the request (load_streams.py does the same).
+    limits = httpx.Limits(max_connections=sessions + 4, max_keepalive_connections=sessions + 4, keepalive_expiry=2.0)
     async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as http:
         ids = []
         for _ in range(sessions):

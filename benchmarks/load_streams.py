@@ -111,6 +111,8 @@ SIDECAR_STEP_SECONDS = "dispider_sidecar_step_seconds"
 SIDECAR_QUEUE_WAIT = "dispider_sidecar_queue_wait_seconds"
 SIDECAR_TRANSIT = "dispider_sidecar_transit_seconds"
 GC_PAUSES = "dispider_gc_pause_seconds"
+SERVER_LOOP_LAG = "dispider_server_loop_lag_seconds"  # serve/loop_watch.py
+SERVER_LOOP_STALLS = "dispider_server_loop_stalls_total"
 SLOWEST_DECISIONS = 12  # the report lists this many of a run's slowest decisions, to see when the tail happens
 SIDECAR_STEP_PHASES = ("preprocess_wait", "perceive", "decide")
 
@@ -800,7 +802,19 @@ def server_metrics_delta(before: MetricsSnapshot | None, after: MetricsSnapshot 
     result["reactions"] = outcomes
     result["sidecar_steps"] = sidecar_steps_delta(before, after)
     result["gc_pauses_s"] = gc_pauses_delta(before, after)
+    result["server_loop_lag_s"] = server_loop_lag_delta(before, after)
     return result
+
+
+def server_loop_lag_delta(before: MetricsSnapshot | None, after: MetricsSnapshot) -> dict | None:
+    """How late the server's event loop ran its 50-ms timer over this run, and its stalls over 0.5 s (each one is
+    in the server's log with the loop's stack)."""
+    lag = after.histogram(SERVER_LOOP_LAG)
+    if lag is None:
+        return None
+    run = lag.minus(before.histogram(SERVER_LOOP_LAG) if before else None)
+    stalls = (after.value(SERVER_LOOP_STALLS) or 0) - ((before.value(SERVER_LOOP_STALLS) or 0) if before else 0)
+    return {**run.summary(), "longest_at_most_s": longest_bound(run), "stalls_over_0.5_s": int(stalls)}
 
 
 def gc_pauses_delta(before: MetricsSnapshot | None, after: MetricsSnapshot) -> dict:

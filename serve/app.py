@@ -33,7 +33,7 @@ from pathlib import Path
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
-from starlette.requests import HTTPConnection, Request
+from starlette.requests import ClientDisconnect, HTTPConnection, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
@@ -51,10 +51,12 @@ from serve.errors import (
     APIError,
     api_error_handler,
     bad_request,
+    client_gone_handler,
     http_error_handler,
     internal_error_handler,
     unsupported_media,
 )
+from serve.loop_watch import LoopWatch
 from serve.media import (
     IMAGE_TYPES,
     MediaLimits,
@@ -170,10 +172,13 @@ def build_app(config: ServerConfig, backends: Backends) -> Starlette:
                  admission.capacity)
         reaper = asyncio.create_task(app.state.sessions.reap_forever())
         freeze_startup_heap()  # vLLM's frontend and the models' configs stay for good: no collection walks them again
+        loop_watch = LoopWatch(metrics.loop_lag, metrics.loop_stalls)
+        loop_watch.start()
         log.info("ready: serving %r at %s (OpenAI base URL %s/v1)", config.served_model_name, config.url, config.url)
         try:
             yield
         finally:
+            loop_watch.stop()
             reaper.cancel()
             await app.state.sessions.close_all()
             await stop_backends(backends)
@@ -184,7 +189,7 @@ def build_app(config: ServerConfig, backends: Backends) -> Starlette:
         routes=ROUTES,
         lifespan=lifespan,
         exception_handlers={APIError: api_error_handler, HTTPException: http_error_handler,
-                            Exception: internal_error_handler},
+                            ClientDisconnect: client_gone_handler, Exception: internal_error_handler},
         middleware=[Middleware(TenantAuth, directory=directory, count_error=metrics.count_error)],
     )
     app.state.config = config

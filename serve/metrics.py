@@ -18,6 +18,7 @@ from dispider_vllm.sidecar.protocol import HistogramCounts
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
+LOOP_LAG_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 
 
@@ -70,6 +71,15 @@ class ServerMetrics:
             registry=r,
         )
         self.errors = Counter("dispider_errors_total", "Errors returned or streamed, by code", ["code"], registry=r)
+        # -- the server's own event loop (serve/loop_watch.py)
+        self.loop_lag = Histogram(
+            "dispider_server_loop_lag_seconds", "How late the server's event loop ran a timer due every 50 ms "
+            "(every request and event stream waits as long)", buckets=LOOP_LAG_BUCKETS, registry=r,
+        )
+        self.loop_stalls = Counter(
+            "dispider_server_loop_stalls_total", "Times the server's event loop did not run for over 0.5 s (each one "
+            "logged with the loop's stack)", registry=r,
+        )
         # -- tenants
         self.quota_rejections = Counter(
             "dispider_quota_rejections_total", "Requests refused (429) or answers skipped over a tenant's quota "

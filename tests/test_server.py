@@ -418,6 +418,37 @@ def test_bad_session_requests(http, videos):
     assert_error(http.delete(f"/v1/sessions/{session['id']}"), 404, "session_not_found")
 
 
+def _error_count(http, code: str) -> float:
+    prefix = f'dispider_errors_total{{code="{code}"}} '
+    return next((float(line[len(prefix):]) for line in http.get("/metrics").text.splitlines()
+                 if line.startswith(prefix)), 0.0)
+
+
+def test_a_push_cut_off_midway_is_the_clients_doing(http, dispider_server):
+    """A client that closes its connection in the middle of a frame's body is counted as gone, not as a server
+    error, and the session takes the next frame as usual."""
+    import socket
+    from urllib.parse import urlsplit
+
+    session = http.post("/v1/sessions", json={"question": QUESTION}).json()
+    path = f"/v1/sessions/{session['id']}/frames?timestamp=0"
+    gone_before, internal_before = _error_count(http, "client_disconnected"), _error_count(http, "internal_error")
+    address = urlsplit(dispider_server.url)
+    with socket.create_connection((address.hostname, address.port), timeout=10) as cut_off:
+        cut_off.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
+                        "Content-Length: 100000\r\n\r\n".encode() + b"\xff\xd8" + b"\x00" * 1000)
+        time.sleep(0.5)  # the server is reading the body when the connection goes
+    deadline = time.monotonic() + 10
+    while _error_count(http, "client_disconnected") == gone_before and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _error_count(http, "client_disconnected") == gone_before + 1
+    assert _error_count(http, "internal_error") == internal_before
+    frame = make_test_frames(seconds=1, fps=1, seed=2)[0]
+    reply = http.post(path, content=jpeg(frame.pixels), headers={"content-type": "image/jpeg"})
+    assert reply.status_code == 202, reply.text
+    assert http.delete(f"/v1/sessions/{session['id']}").status_code == 200
+
+
 def test_unknown_session_websocket(dispider_server):
     from websockets.sync.client import connect
 
@@ -446,7 +477,8 @@ def test_still_healthy_with_metrics(http, client, videos, dispider_server):
                  "dispider_sidecar_batch_clips_bucket", 'dispider_sidecar_step_seconds_count{phase="perceive"}',
                  "dispider_sidecar_queue_wait_seconds_bucket", "dispider_sidecar_transit_seconds_bucket",
                  'dispider_gc_pause_seconds_count{generation="0",process="server"}',
-                 'dispider_gc_pause_seconds_count{generation="0",process="sidecar"}'):
+                 'dispider_gc_pause_seconds_count{generation="0",process="sidecar"}',
+                 "dispider_server_loop_lag_seconds_bucket", "dispider_server_loop_stalls_total"):
         assert name in metrics, name
 
 
