@@ -113,6 +113,7 @@ SIDECAR_TRANSIT = "dispider_sidecar_transit_seconds"
 GC_PAUSES = "dispider_gc_pause_seconds"
 SERVER_LOOP_LAG = "dispider_server_loop_lag_seconds"  # serve/loop_watch.py
 SERVER_LOOP_STALLS = "dispider_server_loop_stalls_total"
+FRAME_PUSH = "dispider_frame_push_seconds"
 SLOWEST_DECISIONS = 12  # the report lists this many of a run's slowest decisions, to see when the tail happens
 SIDECAR_STEP_PHASES = ("preprocess_wait", "perceive", "decide")
 
@@ -803,7 +804,19 @@ def server_metrics_delta(before: MetricsSnapshot | None, after: MetricsSnapshot 
     result["sidecar_steps"] = sidecar_steps_delta(before, after)
     result["gc_pauses_s"] = gc_pauses_delta(before, after)
     result["server_loop_lag_s"] = server_loop_lag_delta(before, after)
+    result["frame_push_s"] = frame_push_delta(before, after)
     return result
+
+
+def frame_push_delta(before: MetricsSnapshot | None, after: MetricsSnapshot) -> dict | None:
+    """Pushed image frames in the server over this run, by phase (read, decode, handled): bucket estimates."""
+    phases = {}
+    for phase in ("read", "decode", "handled"):
+        histogram = labeled_histogram(after, FRAME_PUSH, phase=phase)
+        if histogram is not None:
+            run = histogram.minus(labeled_histogram(before, FRAME_PUSH, phase=phase) if before else None)
+            phases[phase] = {**run.summary(), "longest_at_most_s": longest_bound(run)}
+    return phases or None
 
 
 def server_loop_lag_delta(before: MetricsSnapshot | None, after: MetricsSnapshot) -> dict | None:

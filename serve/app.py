@@ -319,11 +319,19 @@ async def push_frames(request: Request) -> Response:
     elif kind.startswith("image/"):
         require_image_type(kind)
         timestamp = _timestamp_param(request, session)
+        phases = request.app.state.metrics.frame_push
+        started = time.perf_counter()
         data = await read_body(request, max_bytes)
+        read = time.perf_counter()
         usage.take_frames(1)
         pixels = await decode_frame_image(data)
+        decoded = time.perf_counter()
         session.push_frames([Frame(timestamp, pixels)])
         accepted = 1
+        # Where a slow push waits: its body, the decoding threads, or the rest (timed per phase, /metrics).
+        phases.labels(phase="read").observe(read - started)
+        phases.labels(phase="decode").observe(decoded - read)
+        phases.labels(phase="handled").observe(time.perf_counter() - started)
     elif is_video_type(kind):
         data = await read_body(request, max_bytes)
         info = await probe(data, max_bytes)

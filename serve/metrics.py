@@ -18,7 +18,8 @@ from dispider_vllm.sidecar.protocol import HistogramCounts
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
-LOOP_LAG_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+SHORT_WAIT_BUCKETS = (  # waits of a millisecond to seconds: the loop's lag, a push's phases
+    0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 
 
@@ -71,10 +72,15 @@ class ServerMetrics:
             registry=r,
         )
         self.errors = Counter("dispider_errors_total", "Errors returned or streamed, by code", ["code"], registry=r)
+        self.frame_push = Histogram(
+            "dispider_frame_push_seconds", "A pushed image frame in the server, by phase: read (its body received), "
+            "decode (waiting for and running the JPEG/PNG decoding on a worker thread), handled (the whole request "
+            "handler)", ["phase"], buckets=SHORT_WAIT_BUCKETS, registry=r,
+        )
         # -- the server's own event loop (serve/loop_watch.py)
         self.loop_lag = Histogram(
             "dispider_server_loop_lag_seconds", "How late the server's event loop ran a timer due every 50 ms "
-            "(every request and event stream waits as long)", buckets=LOOP_LAG_BUCKETS, registry=r,
+            "(every request and event stream waits as long)", buckets=SHORT_WAIT_BUCKETS, registry=r,
         )
         self.loop_stalls = Counter(
             "dispider_server_loop_stalls_total", "Times the server's event loop did not run for over 0.5 s (each one "

@@ -219,6 +219,9 @@ def test_load_benchmark_report_is_well_formed(dispider_server, tmp_path):
     assert all(pauses["count"] >= 0 and pauses["total_s"] >= 0 for by_gen in gc_pauses.values() for pauses in by_gen.values())
     loop_lag = run["server_metrics"]["server_loop_lag_s"]  # the server's event loop ticked all along the run
     assert loop_lag["count"] > 0 and loop_lag["stalls_over_0.5_s"] >= 0
+    pushes = run["server_metrics"]["frame_push_s"]  # every pushed frame timed in the server, by phase
+    assert set(pushes) == {"read", "decode", "handled"}
+    assert all(pushes[phase]["count"] == run["frames"]["sent"] for phase in pushes)
     assert_numbers_finite(report)
     # The sidecar's turn log (--sidecar-turn-log) lines up with the run: its turns over the run stepped the run's
     # four clips, and the timeline tool lists the turns around the slowest decisions.

@@ -10,7 +10,7 @@ import time
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from serve.loop_watch import LoopWatch
-from serve.metrics import LOOP_LAG_BUCKETS
+from serve.metrics import SHORT_WAIT_BUCKETS
 
 
 def a_blocking_call_on_the_loop(seconds: float) -> None:
@@ -19,7 +19,7 @@ def a_blocking_call_on_the_loop(seconds: float) -> None:
 
 def test_a_blocked_loop_is_measured_and_named(caplog):
     registry = CollectorRegistry()
-    lag = Histogram("lag_seconds", "", buckets=LOOP_LAG_BUCKETS, registry=registry)
+    lag = Histogram("lag_seconds", "", buckets=SHORT_WAIT_BUCKETS, registry=registry)
     stalls = Counter("stalls", "", registry=registry)
 
     async def scenario():
