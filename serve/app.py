@@ -100,6 +100,8 @@ def make_backends(config: ServerConfig, parts: ModelParts) -> Backends:
         device=placement.sidecar_device,
         dtype="float32" if placement.sidecar_device == "cpu" else "bfloat16",
         max_batch_clips=config.max_batch_clips,
+        max_kept_clips=config.max_kept_clips,
+        kept_clips_budget_bytes=config.kept_clips_budget_bytes,
         respond_every=config.respond_every,
         respond_probability=config.respond_probability,
         threads=placement.sidecar_threads,
@@ -143,6 +145,19 @@ async def start_backends(backends: Backends) -> None:
         await stop_backends(backends)  # neither process outlives a failed start
         raise
     log.info("sidecar up on %s (%s)", ready.device, ready.model)
+    log.info("%s", kept_clips_line(ready.features))
+
+
+def kept_clips_line(features: dict) -> str:
+    """The kept clips' budget at start, and how many clips it holds at the checkpoint's shapes."""
+    budget, per_clip = features.get("kept_clips_budget_bytes"), features.get("kept_clip_bytes")
+    per_stream = f"at most {features.get('max_kept_clips')} a stream"
+    if budget is None:
+        return f"kept clips: no budget over all streams, {per_stream}"
+    line = f"kept clips: budget {budget / (1 << 30):.1f} GiB over all streams"
+    if per_clip:
+        line += f", {budget // per_clip:,} clips of {per_clip / 1e6:.2f} MB at this checkpoint's shapes"
+    return f"{line}, {per_stream}"
 
 
 async def stop_backends(backends: Backends) -> None:

@@ -4,10 +4,17 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 from pathlib import Path
 
-from serve.config import DEFAULT_MODEL_NAME, ServerConfig, resolve_model_parts
+from serve.config import (
+    DEFAULT_MODEL_NAME,
+    KEPT_CLIPS_HOST_MEMORY_SHARE,
+    ServerConfig,
+    host_memory_bytes,
+    resolve_model_parts,
+)
 from serve.placement import PlacementError, host_placement
 
 DESCRIPTION = """\
@@ -125,6 +132,19 @@ def build_parser() -> argparse.ArgumentParser:
                               "pipe; 0: every frame pickled through the pipe)")
     sidecar.add_argument("--max-batch-clips", type=int, default=defaults.max_batch_clips, metavar="N",
                          help=f"clips of all streams perceived in one batch (default {defaults.max_batch_clips})")
+    sidecar.add_argument("--max-kept-clips", type=int, default=defaults.max_kept_clips, metavar="N",
+                         help="per stream: the last N clips whose features are kept for retrieval and an answer's "
+                              f"global memory (default {defaults.max_kept_clips}: about 8.5 minutes of 16-s clips). "
+                              "A kept clip costs about 8.6 MB at the real model's shapes in 16-bit, nearly all of it "
+                              "raw CLIP features in host memory: 32 clips are about 275 MB a stream")
+    # "%%": argparse formats help texts with %.
+    sidecar.add_argument("--kept-clips-memory-gib", type=float, metavar="GIB",
+                         help="memory for the kept clips of all streams together (about 8.6 MB a clip at real "
+                              "shapes: 1 GiB holds about 125). Over it, the stream keeping the most clips loses its "
+                              "oldest, never below the 4 a trigger retrieves; /metrics shows the kept clips, their "
+                              "bytes and the evictions. Default: "
+                              f"{KEPT_CLIPS_HOST_MEMORY_SHARE * 100:.0f}%% of the host's memory "
+                              f"({KEPT_CLIPS_HOST_MEMORY_SHARE * host_memory_bytes() / (1 << 30):.1f} GiB here)")
     forced = sidecar.add_mutually_exclusive_group()
     forced.add_argument("--respond-every", type=int, metavar="N",
                         help="for load tests and demos with random weights: force an answer every N clips instead "
@@ -188,7 +208,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         cuda_graphs=args.cuda_graphs, sidecar_turn_log=args.sidecar_turn_log,
         sidecar_quantization=args.sidecar_quantization, quantization=args.quantization,
         frame_ring_mb=args.frame_ring_mb,
-        max_batch_clips=args.max_batch_clips, respond_every=args.respond_every,
+        max_batch_clips=args.max_batch_clips, max_kept_clips=args.max_kept_clips,
+        kept_clips_memory_gib=args.kept_clips_memory_gib, respond_every=args.respond_every,
         respond_probability=args.respond_probability,
         default_max_tokens=args.default_max_tokens, max_upload_mb=args.max_upload_mb,
         allowed_local_media_path=args.allowed_local_media_path, media_fetch_timeout_s=args.media_fetch_timeout,
@@ -217,10 +238,14 @@ def _check(parser: argparse.ArgumentParser, config: ServerConfig) -> str:
     positive = {"--max-upload-mb": config.max_upload_mb, "--max-sessions": config.max_sessions,
                 "--default-max-tokens": config.default_max_tokens, "--event-buffer": config.event_buffer,
                 "--respond-every": config.respond_every or 1, "--max-model-len": config.max_model_len,
-                "--capacity-streams": config.capacity_streams or 1, "--sidecar-kv-slots": config.sidecar_kv_slots}
+                "--capacity-streams": config.capacity_streams or 1, "--sidecar-kv-slots": config.sidecar_kv_slots,
+                "--max-kept-clips": config.max_kept_clips}
     for flag, value in positive.items():
         if value < 1:
             parser.error(f"{flag} must be >= 1")
+    gib = config.kept_clips_memory_gib
+    if gib is not None and not (math.isfinite(gib) and gib > 0):
+        parser.error(f"--kept-clips-memory-gib must be > 0 (GiB of memory for all streams' kept clips), not {gib:g}")
     for flag, value in {"--preprocess-workers": config.preprocess_workers,
                         "--frame-ring-mb": config.frame_ring_mb}.items():
         if value < 0:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 log = logging.getLogger("dispider.serve")
 
 DEFAULT_MODEL_NAME = "dispider"
+KEPT_CLIPS_HOST_MEMORY_SHARE = 0.4  # the kept clips' default budget: this share of the host's (or container's) memory
 
 
 @dataclass
@@ -43,6 +45,8 @@ class ServerConfig:
     sidecar_quantization: str | None = None  # "fp8": the sidecar's matmuls in FP8 (dispider_vllm/fp8.py)
     frame_ring_mb: int = 256  # shared memory carrying frames' pixels to the sidecar (0: pickled through the pipe)
     max_batch_clips: int = 32
+    max_kept_clips: int = 32  # per stream: the last clips kept for retrieval and global memory
+    kept_clips_memory_gib: float | None = None  # all streams' kept clips together; None: 40% of the host's memory
     respond_every: int | None = None
     respond_probability: float | None = None  # or answer each clip with this probability
     # requests and sessions
@@ -64,6 +68,12 @@ class ServerConfig:
     def max_upload_bytes(self) -> int:
         return self.max_upload_mb << 20
 
+    @property
+    def kept_clips_budget_bytes(self) -> int:
+        if self.kept_clips_memory_gib is None:
+            return default_kept_clips_budget_bytes()
+        return max(1, int(self.kept_clips_memory_gib * (1 << 30)))
+
     def tenant_directory(self):
         """The tenants and their keys (raises TenantsFileError); open without a tenants file."""
         from serve.tenants import TenantDirectory, load_tenants
@@ -80,6 +90,27 @@ class ServerConfig:
     def url(self) -> str:
         host = "127.0.0.1" if self.host in ("0.0.0.0", "::") else self.host
         return f"http://{host}:{self.port}"
+
+
+# Where a container's memory limit is written (cgroup v2, then v1); "max" or a huge number means none.
+CGROUP_MEMORY_LIMITS = ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes")
+
+
+def host_memory_bytes() -> int:
+    """The memory this process may use: the host's physical memory, or a container's lower limit."""
+    physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    for path in CGROUP_MEMORY_LIMITS:
+        try:
+            limit = Path(path).read_text().strip()
+        except OSError:
+            continue
+        if limit.isdigit():
+            return min(physical, int(limit))
+    return physical
+
+
+def default_kept_clips_budget_bytes() -> int:
+    return int(KEPT_CLIPS_HOST_MEMORY_SHARE * host_memory_bytes())
 
 
 @dataclass(frozen=True)

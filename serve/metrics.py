@@ -14,7 +14,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
-from dispider_vllm.sidecar.protocol import HistogramCounts
+from dispider_vllm.sidecar.protocol import HistogramCounts, SidecarStats
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -161,6 +161,7 @@ class _ProcessCollector(Collector):
         yield CounterMetricFamily("dispider_sidecar_frames", "Frames the sidecar took in", value=stats.frames_total)
         yield CounterMetricFamily("dispider_sidecar_clips", "Clips the sidecar perceived", value=stats.clips_total)
         yield CounterMetricFamily("dispider_sidecar_batches", "Perception batches run", value=stats.batches_total)
+        yield from _kept_clips(stats)
         # The sidecar counts its steps itself (cumulative histograms in each report): exposed as they are.
         if stats.batch_clips is not None:
             yield _histogram("dispider_sidecar_batch_clips", "Clips per perception batch", {(): stats.batch_clips})
@@ -190,6 +191,20 @@ class _ProcessCollector(Collector):
             return None
         return _histogram("dispider_gc_pause_seconds", "Python garbage collections, by process and generation: each "
                           "one stops every thread of its process", series, labels=["process", "generation"])
+
+
+def _kept_clips(stats: SidecarStats) -> Iterator:
+    """The clips kept for retrieval and global memory over all streams, against the server-wide budget."""
+    yield GaugeMetricFamily("dispider_sidecar_kept_clips", "Clips whose features the sidecar keeps for retrieval and "
+                            "global memory, over all open streams", value=stats.kept_clips)
+    yield GaugeMetricFamily("dispider_sidecar_kept_clip_bytes", "Bytes of the kept clips' features (raw in host "
+                            "memory, M and T on the sidecar's device)", value=stats.kept_clip_bytes)
+    yield CounterMetricFamily("dispider_sidecar_kept_clips_evicted", "Kept clips evicted (the oldest of the stream "
+                              "keeping the most) to stay within --kept-clips-memory-gib",
+                              value=stats.kept_clips_evicted_total)
+    if stats.kept_clip_budget_bytes is not None:
+        yield GaugeMetricFamily("dispider_sidecar_kept_clip_budget_bytes", "The kept clips' budget, all streams "
+                                "together (--kept-clips-memory-gib)", value=stats.kept_clip_budget_bytes)
 
 
 def _histogram(name: str, documentation: str, series: dict[tuple[str, ...], HistogramCounts],

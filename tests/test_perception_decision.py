@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import gc
+import logging
 import sys
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +17,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from reference_dispider import reference_clip_features, reference_stream  # noqa: E402
 
-from dispider_vllm.decision import DecisionConfig, DecisionEngine  # noqa: E402
+from dispider_vllm.decision import DecisionConfig, DecisionEngine, KeptClipsUsage  # noqa: E402
+from dispider_vllm.decision.engine import clip_bytes, clip_bytes_at_shapes  # noqa: E402
 from dispider_vllm.perception.clips import ClipWindow, make_frames_clip  # noqa: E402
 from dispider_vllm.perception.clips import make_clip as make_clip_of  # noqa: E402
 from dispider_vllm.perception.encoder import PerceptionEncoder, merge_neighbours, pool_tokens  # noqa: E402
@@ -336,3 +340,99 @@ def test_loads_the_split_of_the_tiny_random_checkpoint(default_checkpoint):
     want = reference_clip_features(modules, clip)
     torch.testing.assert_close(got.memory, want.memory, atol=ATOL, rtol=0)
     torch.testing.assert_close(got.indicator, want.indicator, atol=ATOL, rtol=0)
+
+
+# ---- the kept clips' budget over all streams ------------------------------------------------------------------
+def test_kept_clips_stay_within_a_budget_over_all_streams(modules):
+    """Budget of 10 clips for 3 streams: the stream keeping the most clips loses its oldest (ties: the one opened
+    first); the bytes go back to 0 when the streams close."""
+    features = fake_features(modules, 12, seed=51)
+    per_clip = clip_bytes(features[0])
+    assert per_clip == clip_bytes_at_shapes(modules)  # what the sidecar reports for a 16-frame clip
+    config = DecisionConfig(max_kept_clips=8, top_k=2, kept_clips_budget_bytes=10 * per_clip)
+    engine = DecisionEngine(modules, config, force_respond=lambda sid, index: sid == "a" and index == 12 or False)
+    for sid in "abc":
+        engine.open(sid, "Anything unusual?")
+
+    def kept() -> dict[str, list[int]]:
+        return {sid: engine.kept_clip_indices(sid) for sid in engine.stream_ids}
+
+    engine.step({"a": features[:6], "b": features[:3]})
+    assert kept() == {"a": [1, 2, 3, 4, 5, 6], "b": [1, 2, 3], "c": []}
+    assert engine.kept_clips_usage() == KeptClipsUsage(clips=9, bytes=9 * per_clip, evicted_total=0,
+                                                       budget_bytes=10 * per_clip)
+    # c's 2nd and 3rd clips each cost a the oldest of its clips (a keeps the most); at c's 4th, a and c keep 4
+    # each: a, opened first, loses its oldest.
+    engine.step({"c": features[:4]})
+    assert kept() == {"a": [4, 5, 6], "b": [1, 2, 3], "c": [1, 2, 3, 4]}
+    assert engine.kept_clips_usage() == KeptClipsUsage(clips=10, bytes=10 * per_clip, evicted_total=3,
+                                                       budget_bytes=10 * per_clip)
+    for _ in range(6):  # every stream one clip a round: the budget holds, and evictions are counted
+        sid_clips = {sid: [features[engine.kept_clip_indices(sid)[-1]]] for sid in "abc"}
+        items = engine.step(sid_clips)
+        usage = engine.kept_clips_usage()
+        assert usage.bytes <= 10 * per_clip and usage.bytes == usage.clips * per_clip
+        assert all(len(indices) >= config.top_k for indices in kept().values())
+    assert engine.kept_clips_usage().evicted_total == 3 + 6 * 3
+    assert sorted(len(indices) for indices in kept().values()) == [3, 3, 4]
+    # a's trigger at its clip 12: retrieval and G over the clips a still keeps.
+    trigger = next(item for item in items if isinstance(item, Trigger))
+    assert set(trigger.retrieved) <= set(engine.kept_clip_indices("a"))
+    assert trigger.bundle.global_memory.shape[0] == len(engine.kept_clip_indices("a"))
+    for sid in "abc":
+        engine.close(sid)
+    assert engine.kept_clips_usage() == KeptClipsUsage(clips=0, bytes=0, evicted_total=21, budget_bytes=10 * per_clip)
+
+
+def test_an_evicted_clips_raw_is_freed_at_once(modules):
+    """The decision window keeps M and T of its clips, not raw: an evicted (or capped) clip's raw goes with it."""
+    features = fake_features(modules, 6, seed=53)
+    raws = [weakref.ref(clip.raw) for clip in features]
+    per_clip = clip_bytes(features[0])
+    engine = DecisionEngine(modules, DecisionConfig(max_kept_clips=5, top_k=1, kept_clips_budget_bytes=3 * per_clip),
+                            force_respond=lambda sid, index: False)
+    engine.open("s", "Q?")
+    engine.step({"s": features})
+    del features
+    gc.collect()
+    assert engine.kept_clip_indices("s") == [4, 5, 6]
+    assert [raw() is not None for raw in raws] == [False, False, False, True, True, True]
+    # The stream's bytes: its kept clips whole, M and T of its window's clips 1-3 (no longer kept), its KV cache.
+    m_and_t = per_clip - raws[-1]().nbytes
+    context = engine._streams["s"].context
+    cache_and_tail = engine.cache_length("s") * engine.pool.bytes_per_token + context.tail.nbytes
+    assert engine.memory_bytes("s") == 3 * per_clip + 3 * m_and_t + cache_and_tail
+
+
+def test_the_per_stream_cap_alone_evicts_nothing_and_keeps_the_count(modules):
+    features = fake_features(modules, 7, seed=55)
+    engine = DecisionEngine(modules, DecisionConfig(max_kept_clips=3), force_respond=lambda sid, index: False)
+    engine.open("s", "Q?")
+    engine.step({"s": features[:2]})
+    engine.step({"s": features[2:]})
+    usage = engine.kept_clips_usage()
+    assert engine.kept_clip_indices("s") == [5, 6, 7]
+    assert usage == KeptClipsUsage(clips=3, bytes=3 * clip_bytes(features[0]), evicted_total=0, budget_bytes=None)
+
+
+def test_a_budget_too_small_for_top_k_a_stream_is_exceeded_with_one_warning(modules, caplog):
+    features = fake_features(modules, 6, seed=57)
+    per_clip = clip_bytes(features[0])
+    engine = DecisionEngine(modules, DecisionConfig(top_k=2, kept_clips_budget_bytes=3 * per_clip),
+                            force_respond=lambda sid, index: index == 6 or False)
+    for sid in "abc":
+        engine.open(sid, "Q?")
+    with caplog.at_level(logging.WARNING, logger="dispider.decision"):
+        for clip in features:  # one clip a stream per step: over the budget from the 2nd step on
+            items = engine.step({sid: [clip] for sid in "abc"})
+    assert {sid: engine.kept_clip_indices(sid) for sid in "abc"} == {sid: [5, 6] for sid in "abc"}
+    usage = engine.kept_clips_usage()
+    assert usage.bytes == 6 * per_clip > usage.budget_bytes and usage.evicted_total == 3 * 4
+    warnings = [r for r in caplog.records if r.name == "dispider.decision"]
+    assert len(warnings) == 1 and "over their budget" in warnings[0].getMessage()
+    assert all(len(item.retrieved) == 2 for item in items)  # every stream still retrieves top_k at its trigger
+    for sid in "abc":
+        engine.close(sid)
+    assert engine.kept_clips_usage().bytes == 0
+    with pytest.raises(ValueError, match="kept_clips_budget_bytes"):
+        DecisionConfig(kept_clips_budget_bytes=0)

@@ -89,7 +89,7 @@ def test_engine_and_sidecar_options_reach_the_processes_that_use_them(default_ch
     --preprocess-workers and --preprocess-on the sidecar's configuration."""
     from serve.app import make_backends
     from serve.cli import build_parser, config_from_args
-    from serve.config import resolve_model_parts
+    from serve.config import default_kept_clips_budget_bytes, host_memory_bytes, resolve_model_parts
 
     def backends(*flags: str):
         args = build_parser().parse_args(["--checkpoint", str(default_checkpoint.checkpoint_dir), *flags])
@@ -111,10 +111,19 @@ def test_engine_and_sidecar_options_reach_the_processes_that_use_them(default_ch
     assert backends("--sidecar-turn-log", turn_log).sidecar.config.turn_log == turn_log
     assert default.sidecar.config.quantization is None and default.engine.engine_args().quantization is None
     assert backends("--sidecar-quantization", "fp8").sidecar.config.quantization == "fp8"
+    # The kept clips: 32 a stream, and 40% of the host's memory for all streams, unless told otherwise.
+    assert default.sidecar.config.max_kept_clips == 32
+    assert default.sidecar.config.kept_clips_budget_bytes == default_kept_clips_budget_bytes()
+    assert 0.39 * host_memory_bytes() < default_kept_clips_budget_bytes() <= 0.4 * host_memory_bytes()
+    kept = backends("--max-kept-clips", "8", "--kept-clips-memory-gib", "1.5").sidecar.config
+    assert (kept.max_kept_clips, kept.kept_clips_budget_bytes) == (8, 3 << 29)
 
 
 @pytest.mark.parametrize(("flags", "message"), [(["--preprocess-workers", "-1"], "--preprocess-workers must be >= 0"),
                                                (["--sidecar-kv-slots", "0"], "--sidecar-kv-slots must be >= 1"),
+                                               (["--max-kept-clips", "0"], "--max-kept-clips must be >= 1"),
+                                               (["--kept-clips-memory-gib", "0"], "--kept-clips-memory-gib must be > 0"),
+                                               (["--kept-clips-memory-gib", "-2"], "must be > 0"),
                                                (["--sidecar-turn-log", "/"], "--sidecar-turn-log /: is a directory"),
                                                (["--sidecar-turn-log", "/proc/no/turns.jsonl"], "--sidecar-turn-log"),
                                                (["--sidecar-quantization", "int4"], "invalid choice: 'int4'"),

@@ -21,7 +21,9 @@ import pytest
 from PIL import Image
 
 from sse_reader import EventReader
+from clients.server_metrics import MetricsSnapshot
 from dispider_vllm.video.synth import make_test_frames, make_test_video
+from serve.config import default_kept_clips_budget_bytes
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -148,6 +150,10 @@ def test_models_health_and_openapi(client, http, dispider_server):
     # What the sidecar runs with: on the CPU nothing is captured as a CUDA graph.
     assert features["device"] == "cpu" and features["cuda_graphs"] == {"perception": False, "decision": False}
     assert features["preprocess_workers"] == 4 and features["kv_slots"] == 16 and features["mps_daemon"] is False
+    # The kept clips: 32 a stream, 40% of the host's memory for all streams; the server says so at start.
+    assert features["max_kept_clips"] == 32 and features["kept_clips_budget_bytes"] == default_kept_clips_budget_bytes()
+    assert features["kept_clip_bytes"] > 0
+    assert "kept clips: budget" in dispider_server.log_file.read_text(errors="replace")
     # Process placement: the sidecar is a process of its own, the server's child, on the device it says.
     assert placement["platform"] == "cpu" and placement["sidecar_device"] == "cpu"
     assert placement["reaction_devices"] == ["cpu"] and placement["tensor_parallel_size"] == 1
@@ -298,6 +304,42 @@ def test_live_session_over_http(http, dispider_server):
     # the sidecar's pipe: each frame one way or the other).
     sent = {way: count - sent_before[way] for way, count in _frames_sent(http).items()}
     assert sent["ring"] > 0 and sent["ring"] + sent["pipe"] == len(frames)
+
+
+def _metrics_once(http, holds, timeout: float = 30.0) -> MetricsSnapshot:
+    """The first scrape for which ``holds`` is true (the sidecar reports its stats once a second)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        snapshot = MetricsSnapshot.parse(http.get("/metrics").text)
+        if holds(snapshot) or time.monotonic() > deadline:
+            return snapshot
+        time.sleep(0.2)
+
+
+def test_metrics_show_the_clips_a_live_session_keeps(http, dispider_server):
+    features = http.get("/health").json()["sidecar_features"]
+    per_clip, budget = features["kept_clip_bytes"], features["kept_clips_budget_bytes"]
+    session = http.post("/v1/sessions", json={"question": QUESTION, "max_tokens": 4}).json()
+    reader = EventReader(dispider_server.url + session["events_url"])
+    reader.start()
+    assert reader.connected.wait(30)
+    frames = {frame.timestamp: frame for frame in make_test_frames(seconds=32, fps=2, seed=5)}
+    for timestamp in (0.0, 31.5):  # two frames fill clips 0 and 1: the 1-fps sampler repeats a frame over the gap
+        image = base64.b64encode(jpeg(frames[timestamp].pixels)).decode()
+        reply = http.post(f"/v1/sessions/{session['id']}/frames",
+                          json={"frames": [{"timestamp": timestamp, "image": image}]})
+        assert reply.status_code == 202, reply.text
+    reader.wait_for("decision", 2)
+    kept = _metrics_once(http, lambda m: (m.value("dispider_sidecar_kept_clips") or 0) >= 2)
+    clips = kept.value("dispider_sidecar_kept_clips")
+    assert clips >= 2, "the session's two clips were not reported as kept"
+    assert kept.value("dispider_sidecar_kept_clip_bytes") == clips * per_clip
+    assert kept.value("dispider_sidecar_kept_clip_budget_bytes") == budget
+    assert kept.value("dispider_sidecar_kept_clips_evicted_total") == 0  # far from 40% of the host's memory
+    assert http.delete(f"/v1/sessions/{session['id']}").status_code == 200
+    closed = _metrics_once(http, lambda m: m.value("dispider_sidecar_kept_clips") <= clips - 2)
+    assert closed.value("dispider_sidecar_kept_clips") <= clips - 2, "closing the session did not free its clips"
+    assert closed.value("dispider_sidecar_kept_clip_bytes") == closed.value("dispider_sidecar_kept_clips") * per_clip
 
 
 def test_live_session_over_websocket(http, dispider_server):

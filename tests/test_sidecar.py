@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 from dispider_vllm.checkpoint.random import ensure_default_checkpoint
-from dispider_vllm.decision.engine import DecisionConfig
+from dispider_vllm.decision.engine import DecisionConfig, clip_bytes_at_shapes
 from dispider_vllm.perception.frames import decode_video, load_preprocessor_config
 from dispider_vllm.perception.modules import PerceptionDecisionModules
 from dispider_vllm.sidecar.client import SidecarClient, SidecarConfig
@@ -512,3 +512,44 @@ def test_the_sidecar_process_preprocesses_on_a_pool(part_dir):
     assert engine.preprocess_on == "host"  # auto on the CPU: host threads overlap the CPU's model work
     on_device = _build_engine(SidecarConfig(part_dir=str(part_dir), preprocess_on="device"))
     assert (on_device.preprocess_on, on_device.preprocess_workers, on_device._pool) == ("device", 0, None)
+
+
+def test_kept_clips_of_all_streams_stay_within_the_budget_and_are_reported(modules, part_dir, frames):
+    """Two streams of real clips under a budget of 3 clips: the stream keeping the most clips loses its oldest (ties:
+    the one opened first), the sidecar's stats report what is kept, and closing the streams frees it all."""
+    from dispider_vllm.gc_pauses import GcPauseMeter
+    from dispider_vllm.sidecar.process import CommandIntake, _build_engine, _stats
+
+    per_clip = clip_bytes_at_shapes(modules)
+    engine = SidecarEngine(modules, preprocessor=load_preprocessor_config(part_dir / "vision_tower"),
+                           decision_config=DecisionConfig(top_k=1, kept_clips_budget_bytes=3 * per_clip),
+                           respond_policy=make_respond_policy(2, None))
+    intake, gc_pauses = CommandIntake(queue.Queue()), GcPauseMeter()
+
+    def stats() -> tuple[int, int, int, int | None]:
+        report = _stats(engine, intake, gc_pauses)
+        return report.kept_clips, report.kept_clip_bytes, report.kept_clips_evicted_total, report.kept_clip_budget_bytes
+
+    features = engine.features()
+    assert (features["max_kept_clips"], features["kept_clips_budget_bytes"]) == (225, 3 * per_clip)
+    assert features["kept_clip_bytes"] == per_clip
+    events = engine.handle(OpenStream("a", "q?")) + engine.handle(OpenStream("b", "q?"))
+    for sid in "ab":
+        events += engine.handle(PushFrames(sid, tuple(frames)))  # two whole clips each; the third still open
+    run_until_idle(engine, events)
+    assert {sid: engine.decision.kept_clip_indices(sid) for sid in "ab"} == {"a": [1], "b": [0, 1]}
+    assert stats() == (3, 3 * per_clip, 1, 3 * per_clip)
+    triggered = [e.trigger for e in events if isinstance(e, Triggered)]
+    retrieved = {t.event.stream_id: t.retrieved for t in triggered}  # at clip 1: the top_k = 1 of what is kept
+    assert retrieved["a"] == (1,) and retrieved["b"] in {(0,), (1,)}
+    for sid in "ab":  # the partial third clips close: b (3 clips) loses its oldest, then a (tied at 2, opened first)
+        events += engine.handle(PushFrames(sid, (), end_of_stream=True))
+    run_until_idle(engine, events)
+    assert [e.stream_id for e in events if isinstance(e, StreamEnded)] == ["a", "b"]
+    assert stats() == (0, 0, 3, 3 * per_clip)
+    gc_pauses.close()
+    engine.close()
+    # The sidecar process builds its engine with the server's settings.
+    built = _build_engine(SidecarConfig(part_dir=str(part_dir), max_kept_clips=5, kept_clips_budget_bytes=12345))
+    assert (built.decision.config.max_kept_clips, built.decision.config.kept_clips_budget_bytes) == (5, 12345)
+    built.close()

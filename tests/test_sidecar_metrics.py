@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import importlib.util
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -63,6 +64,20 @@ def test_metrics_expose_the_sidecars_step_histograms():
     # Before the sidecar's first report: no sidecar histograms, the rest as before.
     assert scrape(None).histogram("dispider_sidecar_batch_clips") is None
     assert scrape(None).histogram("dispider_gc_pause_seconds") is None
+
+
+def test_metrics_expose_the_kept_clips_against_their_budget():
+    stats = replace(stats_after(STEPS), kept_clips=3, kept_clip_bytes=3 * 8_588_288, kept_clips_evicted_total=2,
+                    kept_clip_budget_bytes=4 * 8_588_288)
+    snapshot = scrape(stats)
+    assert snapshot.value("dispider_sidecar_kept_clips") == 3
+    assert snapshot.value("dispider_sidecar_kept_clip_bytes") == 3 * 8_588_288
+    assert snapshot.value("dispider_sidecar_kept_clips_evicted_total") == 2
+    assert snapshot.value("dispider_sidecar_kept_clip_budget_bytes") == 4 * 8_588_288
+    # A sidecar without a budget (a library user's): the kept clips, no budget series.
+    unbounded = scrape(stats_after(STEPS))
+    assert unbounded.value("dispider_sidecar_kept_clips") == 0
+    assert unbounded.value("dispider_sidecar_kept_clip_budget_bytes") is None
 
 
 def test_load_report_shows_the_steps_of_its_run():

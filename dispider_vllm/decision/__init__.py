@@ -7,6 +7,7 @@
 
 from .compact_lm import CompactLM, KVPool
 from .context import DecisionContext
-from .engine import DecisionConfig, DecisionEngine, ForceRespond
+from .engine import DecisionConfig, DecisionEngine, ForceRespond, KeptClipsUsage
 
-__all__ = ["CompactLM", "DecisionConfig", "DecisionContext", "DecisionEngine", "ForceRespond", "KVPool"]
+__all__ = ["CompactLM", "DecisionConfig", "DecisionContext", "DecisionEngine", "ForceRespond", "KVPool",
+           "KeptClipsUsage"]

@@ -25,22 +25,33 @@ State kept per stream, and its size at real shapes (16-bit, 16-s clips, 225 clip
     trigger (at most 450 tokens, 13 MB, an hour).
   So bytes(hour) ~= 225 x 8.59 MB + 28,672 B x (1 + |Q| + 225 + triggers + 64 x window clips). The KV pool
   reserves the same capacity for every slot (the largest stream's prefix + one suffix), see ``kv_pool_bytes``.
+  The decision window keeps only M and T of its clips (no raw): raw lives in the kept clips alone.
+
+Budget of the kept clips, over all streams (``kept_clips_budget_bytes``): 576 streams x 32 clips x 8.59 MB is
+158 GB of host memory, more than a host may have. After the clips of a round are kept, while their bytes (raw + M + T
+of every stream's kept clips) are over the budget, the oldest kept clip of the stream holding the most kept clips is
+evicted (ties: the stream opened first), never taking a stream below ``top_k`` clips; when even that cannot meet the
+budget, the engine stays over it and logs one warning. Retrieval and G see the kept clips that are left.
 """
 
 from __future__ import annotations
 
+import heapq
+import logging
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 from torch.profiler import record_function
 
 from ..perception.modules import PerceptionDecisionModules
-from ..types import ClipBundle, ClipFeatures, DecisionEvent, Trigger
+from ..types import FRAMES_PER_CLIP, ClipBundle, ClipFeatures, DecisionEvent, Trigger
 from .compact_lm import CompactLM, KVPool
 from .context import DecisionContext
+
+log = logging.getLogger("dispider.decision")
 
 ANS_TOKEN = "<has_answer>"
 TODO_TOKEN = "<to_do>"
@@ -54,6 +65,9 @@ class DecisionConfig:
     max_kept_clips: int = 225  # clips whose raw/M/T are kept for retrieval and G (an hour of 16-s clips)
     max_context_clips: int | None = 64  # window of unanswered clips in the decision sequence; None = unbounded
     context_keep_clips: int | None = None  # window size right after a rebuild; None = max_context_clips // 2
+    # All streams' kept clips together (raw + M + T bytes); past it the streams with the most kept clips lose their
+    # oldest, down to top_k each (see the module docstring). None: unbounded (only max_kept_clips per stream).
+    kept_clips_budget_bytes: int | None = None
     top_k: int = 4  # retrieved clips per trigger: min(top_k, kept clips)
     bundle_device: str = "cpu"  # where ClipBundle tensors are put for the reaction
     max_streams_per_forward: int = 64  # decision rows per batched forward
@@ -78,6 +92,10 @@ class DecisionConfig:
                 raise ValueError("context_keep_clips must be in [1, max_context_clips]")
         if self.max_kept_clips < 1:
             raise ValueError("max_kept_clips must be at least 1")
+        if self.kept_clips_budget_bytes is not None and self.kept_clips_budget_bytes < 1:
+            raise ValueError("kept_clips_budget_bytes must be at least 1 (None: unbounded)")
+        if self.top_k < 1:
+            raise ValueError("top_k must be at least 1")
         if self.max_graph_batch < 0:
             raise ValueError("max_graph_batch must be at least 0")
 
@@ -90,6 +108,17 @@ class _Stream:
     clips: deque[ClipFeatures]
     question_count: int = 1
     last_clip_index: int | None = None
+    kept_bytes: int = 0  # of ``clips``
+
+
+@dataclass(frozen=True)
+class KeptClipsUsage:
+    """What the kept clips of all open streams hold now, against the budget."""
+
+    clips: int
+    bytes: int
+    evicted_total: int  # clips evicted to stay within the budget since the engine started (not the per-stream cap)
+    budget_bytes: int | None  # None: unbounded
 
 
 @dataclass
@@ -119,6 +148,9 @@ class DecisionEngine:
             self._ans = self.lm.embed(modules.token_ids(ANS_TOKEN))
             self._todo = self.lm.embed(modules.token_ids(TODO_TOKEN))
         self._streams: dict[str, _Stream] = {}
+        self._kept_bytes = 0  # over all streams' kept clips
+        self._evicted_total = 0
+        self._warned_over_budget = False  # one warning while the budget cannot be met, not one per round
 
     # ---- stream lifecycle ---------------------------------------------------------------------------------
     @property
@@ -143,6 +175,7 @@ class DecisionEngine:
     def close(self, stream_id: str) -> None:
         stream = self._streams.pop(stream_id)
         self.pool.release(stream.slot)
+        self._kept_bytes -= stream.kept_bytes
 
     def question(self, stream_id: str) -> str:
         return self._stream(stream_id).context.question
@@ -174,13 +207,14 @@ class DecisionEngine:
         results: list[DecisionEvent | Trigger] = []
         decided: list[_Decided] = []
         for (stream, clip), query, logit in zip(batch, queries, logits):
-            stream.context.decided(clip)
-            stream.clips.append(clip)
+            stream.context.decided(_without_raw(clip))
+            self._keep(stream, clip)
             stream.last_clip_index = clip.index
             event = DecisionEvent(stream.stream_id, stream.context.question_id, clip.index, clip.start, clip.end, logit)
             if self._responds(stream.stream_id, clip.index, logit):
                 decided.append(_Decided(stream, clip, event, query, position=len(results)))
             results.append(event)
+        self._evict_over_budget()
         with record_function("decision.triggers"):
             triggers = self._trigger(decided)
         for item, trigger in zip(decided, triggers):
@@ -205,6 +239,53 @@ class DecisionEngine:
         context = stream.context
         if context.needs_rebuild(self.config.max_context_clips):
             self.pool.truncate(stream.slot, context.rebuild(self.config.context_keep_clips))
+
+    # ---- kept clips and their budget ----------------------------------------------------------------------
+    def _keep(self, stream: _Stream, clip: ClipFeatures) -> None:
+        if len(stream.clips) == stream.clips.maxlen:
+            self._forget_oldest(stream)  # the deque would drop it silently; its bytes go with it
+        stream.clips.append(clip)
+        stream.kept_bytes += clip_bytes(clip)
+        self._kept_bytes += clip_bytes(clip)
+
+    def _forget_oldest(self, stream: _Stream) -> None:
+        oldest = stream.clips.popleft()
+        stream.kept_bytes -= clip_bytes(oldest)
+        self._kept_bytes -= clip_bytes(oldest)
+
+    def _evict_over_budget(self) -> None:
+        """Evict until the kept clips fit the budget, if they can; warn once while they cannot."""
+        budget = self.config.kept_clips_budget_bytes
+        if budget is None:
+            return
+        if self._kept_bytes > budget:
+            self._evict_from_fullest(budget)
+        if self._kept_bytes <= budget:
+            self._warned_over_budget = False
+        elif not self._warned_over_budget:
+            self._warned_over_budget = True
+            log.warning("kept clips hold %d bytes, over their budget of %d bytes, and none of the %d streams keeps "
+                        "more than top_k=%d clips to evict: staying over the budget until streams close",
+                        self._kept_bytes, budget, len(self._streams), self.config.top_k)
+
+    def _evict_from_fullest(self, budget: int) -> None:
+        """The oldest clip of the stream keeping the most, again and again, none below top_k, until within budget."""
+        floor = self.config.top_k
+        # Ties: the stream opened first (the dict keeps the order the streams were opened in).
+        heap = [(-len(s.clips), order, s.stream_id) for order, s in enumerate(self._streams.values())
+                if len(s.clips) > floor]
+        heapq.heapify(heap)
+        while self._kept_bytes > budget and heap:
+            _, order, stream_id = heapq.heappop(heap)
+            stream = self._streams[stream_id]
+            self._forget_oldest(stream)
+            self._evicted_total += 1
+            if len(stream.clips) > floor:
+                heapq.heappush(heap, (-len(stream.clips), order, stream_id))
+
+    def kept_clips_usage(self) -> KeptClipsUsage:
+        return KeptClipsUsage(clips=sum(len(s.clips) for s in self._streams.values()), bytes=self._kept_bytes,
+                              evicted_total=self._evicted_total, budget_bytes=self.config.kept_clips_budget_bytes)
 
     @torch.inference_mode()
     def capture_graphs(self, *, without_graphs: bool = False) -> int:
@@ -275,11 +356,11 @@ class DecisionEngine:
     def memory_bytes(self, stream_id: str) -> int:
         """Bytes a stream holds: its kept clips (raw, M, T; host and device), its committed KV and pending tokens."""
         stream = self._stream(stream_id)
-        clips = {id(c): c for c in [*stream.clips, *stream.context.window]}.values()
-        clip_bytes = sum(c.raw.nbytes + c.memory.nbytes + c.indicator.nbytes for c in clips)
+        # A window clip shares M and T with the kept clip of its index (if still kept) and has no raw.
+        clips = {c.index: c for c in [*stream.context.window, *stream.clips]}.values()
         kv_bytes = self.pool.length(stream.slot) * self.pool.bytes_per_token
         context_bytes = stream.context.tail.nbytes + sum(t.nbytes for t in stream.context.pending)
-        return clip_bytes + kv_bytes + context_bytes
+        return sum(clip_bytes(c) for c in clips) + kv_bytes + context_bytes
 
     def kv_pool_bytes(self) -> int:
         """Device bytes reserved by the shared KV pool (every slot at full capacity)."""
@@ -309,6 +390,24 @@ class DecisionEngine:
         previous = stream.last_clip_index
         if any(b <= a for a, b in zip(indices, indices[1:])) or (previous is not None and indices[0] <= previous):
             raise ValueError(f"stream {stream.stream_id!r}: clips must arrive in increasing index order")
+
+
+def clip_bytes(clip: ClipFeatures) -> int:
+    """What a kept clip holds: raw (host memory) + M + T."""
+    return clip.raw.nbytes + clip.memory.nbytes + clip.indicator.nbytes
+
+
+def clip_bytes_at_shapes(modules: PerceptionDecisionModules) -> int:
+    """What one kept 16-frame clip holds at these modules' shapes and dtype (8.59 MB for the real model in 16-bit)."""
+    itemsize = torch.empty((), dtype=modules.dtype).element_size()
+    raw = FRAMES_PER_CLIP * modules.resolution * modules.raw_dim
+    memory = FRAMES_PER_CLIP * modules.pool_num * modules.hidden_size
+    return itemsize * (raw + memory + modules.hidden_size)
+
+
+def _without_raw(clip: ClipFeatures) -> ClipFeatures:
+    """The clip as the decision window keeps it: M and T only, so an evicted clip's raw is freed at once."""
+    return replace(clip, raw=clip.raw.new_empty((0, *clip.raw.shape[1:])))
 
 
 def _pending_tokens(context: DecisionContext) -> int:

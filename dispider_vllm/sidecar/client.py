@@ -45,6 +45,7 @@ class SidecarConfig:
     dtype: str = "float32"
     max_batch_clips: int = 32  # clips of all streams encoded in one batch
     max_kept_clips: int = 32  # per stream: clips whose features stay retrievable (raw is 8 MiB a clip)
+    kept_clips_budget_bytes: int | None = None  # all streams' kept clips together (None: unbounded); see DecisionConfig
     max_context_clips: int = 64  # per stream: pending clips in the decision context
     respond_every: int | None = None  # force a trigger every N clips (load tests with random weights)
     respond_probability: float | None = None  # or with this probability per clip (seeded per stream)

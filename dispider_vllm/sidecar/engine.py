@@ -24,7 +24,7 @@ from collections.abc import Callable
 from concurrent.futures import ALL_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
 
-from dispider_vllm.decision.engine import DecisionConfig, DecisionEngine
+from dispider_vllm.decision.engine import DecisionConfig, DecisionEngine, clip_bytes_at_shapes
 from dispider_vllm.fp8 import check_supported as check_fp8_supported
 from dispider_vllm.perception.clips import (
     ClipAssembler,
@@ -216,6 +216,9 @@ class SidecarEngine:
                 "max_batch_clips": self.max_batch_clips, "preprocess_on": self.preprocess_on,
                 "preprocess_workers": self.preprocess_workers,
                 "kv_slots": self.decision.pool.num_slots, "graphs_captured_at_start": self.graphs_captured,
+                "max_kept_clips": self.decision.config.max_kept_clips,
+                "kept_clips_budget_bytes": self.decision.config.kept_clips_budget_bytes,
+                "kept_clip_bytes": clip_bytes_at_shapes(self.modules),  # one 16-frame clip: raw + M + T
                 "mps_daemon": self.modules.device.type == "cuda" and mps_daemon_running(),
                 "quantization": "fp8" if self.encoder.lm.fp8 else None}
 

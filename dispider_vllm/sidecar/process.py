@@ -84,6 +84,7 @@ def _build_engine(config: SidecarConfig):
         preprocessor=load_preprocessor_config(Path(config.part_dir) / "vision_tower"),
         max_batch_clips=config.max_batch_clips,
         decision_config=DecisionConfig(max_kept_clips=config.max_kept_clips, max_context_clips=config.max_context_clips,
+                                       kept_clips_budget_bytes=config.kept_clips_budget_bytes,
                                        initial_kv_slots=config.kv_slots, cuda_graphs=config.cuda_graphs),
         cuda_graphs=config.cuda_graphs,
         respond_policy=make_respond_policy(config.respond_every, config.respond_probability),
@@ -264,6 +265,7 @@ def _safely(handle, command) -> list:
 
 
 def _stats(engine, intake: CommandIntake, gc_pauses: GcPauseMeter) -> SidecarStats:
+    kept = engine.decision.kept_clips_usage()
     return SidecarStats(
         streams=len(engine.streams),
         pending_frames=0,
@@ -274,4 +276,8 @@ def _stats(engine, intake: CommandIntake, gc_pauses: GcPauseMeter) -> SidecarSta
         **engine.step_stats.snapshot(),
         transit_seconds=intake.transit_seconds.snapshot(),
         gc_pause_seconds=gc_pauses.snapshot(),
+        kept_clips=kept.clips,
+        kept_clip_bytes=kept.bytes,
+        kept_clips_evicted_total=kept.evicted_total,
+        kept_clip_budget_bytes=kept.budget_bytes,
     )

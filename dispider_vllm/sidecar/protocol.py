@@ -178,6 +178,11 @@ class SidecarStats:
     queue_wait_seconds: HistogramCounts | None = None  # per clip: its last frame received -> its batch started
     transit_seconds: HistogramCounts | None = None  # per frame push: received by the server -> taken in by the sidecar
     gc_pause_seconds: dict[str, HistogramCounts] = field(default_factory=dict)  # the sidecar's collections, by generation
+    # The clips kept for retrieval and G over all open streams (DecisionEngine.kept_clips_usage):
+    kept_clips: int = 0
+    kept_clip_bytes: int = 0  # their raw + M + T
+    kept_clips_evicted_total: int = 0  # evicted to stay within the budget, since the sidecar started
+    kept_clip_budget_bytes: int | None = None  # None: unbounded
 
 
 Event = Union[SidecarReady, ClipPerceived, Decision, Triggered, StreamError, StreamEnded, SidecarStats]
