@@ -115,6 +115,8 @@ SERVER_LOOP_LAG = "dispider_server_loop_lag_seconds"  # serve/loop_watch.py
 SERVER_LOOP_STALLS = "dispider_server_loop_stalls_total"
 FRAME_PUSH = "dispider_frame_push_seconds"
 SLOWEST_DECISIONS = 12  # the report lists this many of a run's slowest decisions, to see when the tail happens
+SLOW_PUSH_S = 0.5  # a push whose round trip took longer is listed (when, which stream, how much in the server)
+SLOWEST_PUSHES = 12
 SIDECAR_STEP_PHASES = ("preprocess_wait", "perceive", "decide")
 
 
@@ -161,6 +163,8 @@ class StreamLog:
     frames_dropped: int = 0
     push_lag: list[tuple[float, float]] = field(default_factory=list)  # (seconds into the run, lag)
     push_rtt_s: list[float] = field(default_factory=list)
+    push_server_s: list[float] = field(default_factory=list)  # the server's own time, as its Server-Timing says
+    slow_pushes: list[tuple[float, float, float]] = field(default_factory=list)  # (s into the run, rtt, server's)
     sent_at: list[tuple[float, float]] = field(default_factory=list)  # (video timestamp, monotonic send time)
     end_sent_at: float | None = None
     events: StreamReport | None = None
@@ -269,11 +273,77 @@ async def push_paced(http: httpx.AsyncClient, session_id: str, frames: list[Enco
         response = await http.post(path, params={"timestamp": f"{timestamp:.3f}"}, content=frame.jpeg,
                                    headers={"content-type": "image/jpeg"})
         raise_for_api_error(response)
-        log.push_rtt_s.append(time.monotonic() - sent)
+        rtt, in_server = time.monotonic() - sent, server_timing_s(response)
+        log.push_rtt_s.append(rtt)
+        log.push_server_s.append(in_server)
+        if rtt > SLOW_PUSH_S:
+            log.slow_pushes.append((sent - run_start, rtt, in_server))
         log.sent_at.append((timestamp, sent))
         log.push_lag.append((sent - run_start, lag))
         log.frames_sent += 1
         log.frames_late += lag > config.late_after_s
+
+
+def server_timing_s(response: httpx.Response) -> float:
+    """The ``handled;dur=MS`` of the response's Server-Timing header, in seconds (NaN without one)."""
+    for metric in response.headers.get("server-timing", "").split(","):
+        name, _, params = metric.strip().partition(";")
+        if name == "handled" and params.startswith("dur="):
+            try:
+                return float(params[4:]) / 1000
+            except ValueError:
+                break
+    return math.nan
+
+
+# Kernel counters of connections refused or retried (Linux /proc/net/netstat and /proc/net/snmp): a push that
+# waits seconds outside the server's handler could be a SYN dropped from a full accept queue (retried after 1 s,
+# then 3 s) or a segment retransmitted after a timeout.
+TCP_COUNTERS = ("ListenOverflows", "ListenDrops", "TCPSynRetrans", "TCPTimeouts", "TCPLossProbes",
+                "TCPBacklogDrop", "TCPReqQFullDrop", "RetransSegs", "ActiveOpens", "PassiveOpens")
+
+
+def tcp_counters() -> dict[str, int] | None:
+    """This host's TCP counters of TCP_COUNTERS (the server's too when it runs here); None off Linux."""
+    counters: dict[str, int] = {}
+    for path in ("/proc/net/netstat", "/proc/net/snmp"):
+        try:
+            lines = Path(path).read_text().splitlines()
+        except OSError:
+            return None
+        # Each table is two lines with the same prefix: the names, then the values.
+        for names, values in zip(lines[::2], lines[1::2]):
+            for name, value in zip(names.split()[1:], values.split()[1:]):
+                if name in TCP_COUNTERS and value.lstrip("-").isdigit():
+                    counters[name] = int(value)
+    return counters
+
+
+def tcp_counters_delta(before: dict[str, int] | None, after: dict[str, int] | None) -> dict[str, int] | None:
+    if before is None or after is None:
+        return None
+    return {name: after[name] - before.get(name, 0) for name in sorted(after)}
+
+
+def slow_push_report(logs: list[StreamLog]) -> dict:
+    """Pushes slower than SLOW_PUSH_S: how many, how much of their time was spent outside the server's handler,
+    the seconds of the run that had the most of them (a burst at one moment points at a stall shared by all
+    streams; spread out, at single connections), and the slowest ones."""
+    slow = [(at, rtt, server, log.index) for log in logs for at, rtt, server in log.slow_pushes]
+    by_second: dict[int, int] = {}
+    for at, *_ in slow:
+        by_second[int(at)] = by_second.get(int(at), 0) + 1
+    busiest = sorted(by_second.items(), key=lambda item: (-item[1], item[0]))[:SLOWEST_PUSHES]
+    slowest = sorted(slow, key=lambda push: push[1], reverse=True)[:SLOWEST_PUSHES]
+    return {
+        "over_s": SLOW_PUSH_S,
+        "count": len(slow),
+        "outside_server_s": distribution([rtt - server for _, rtt, server, _ in slow]),
+        "seconds_with_any": len(by_second),
+        "busiest_seconds": [{"at_s": second, "pushes": count} for second, count in busiest],
+        "slowest": [{"at_s": _r(at), "stream": stream, "rtt_s": _r(rtt), "server_s": _r(server)}
+                    for at, rtt, server, stream in slowest],
+    }
 
 
 # ---- samplers running beside the streams -------------------------------------------------------------------------------
@@ -361,11 +431,14 @@ class LoadRun:
     wall_s: float
     client_procs: int = 1
     loop_lag_by_proc: list[list[float]] = field(default_factory=list)  # per client process, when there are several
+    tcp_before: dict[str, int] | None = None  # this host's TCP counters (tcp_counters) around the run
+    tcp_after: dict[str, int] | None = None
 
     def summary(self, config: LoadConfig) -> dict:
         summary = summarize_run(self.streams, self.logs, self.samples, self.before, self.after, self.run_start,
                                 self.wall_s, config)
         summary["client_procs"] = self.client_procs
+        summary["host_tcp"] = tcp_counters_delta(self.tcp_before, self.tcp_after)
         if len(self.loop_lag_by_proc) > 1:  # client_loop_lag_s holds the worst process's samples
             summary["client_loop_lag_by_proc_s"] = [distribution(lags) for lags in self.loop_lag_by_proc]
         return summary
@@ -410,7 +483,7 @@ async def collect_load(url: str, streams: int, frames: list[EncodedFrame], confi
     limits = httpx.Limits(max_connections=2 * streams + 16, max_keepalive_connections=2 * streams + 16,
                           keepalive_expiry=KEEPALIVE_EXPIRY_S)
     async with httpx.AsyncClient(base_url=url, timeout=30, limits=limits, headers=auth_headers(config.api_key)) as http:
-        before = await scrape(http)
+        before, tcp_before = await scrape(http), tcp_counters()
         samples = Samples()
         run_start = time.monotonic()
         helpers = [asyncio.create_task(sample_server(http, samples, run_start)),
@@ -422,7 +495,8 @@ async def collect_load(url: str, streams: int, frames: list[EncodedFrame], confi
             await stop_helpers(helpers)
         wall = time.monotonic() - run_start
         after = await scrape(http)
-    return LoadRun(streams, list(logs), samples, before, after, run_start, wall)
+    return LoadRun(streams, list(logs), samples, before, after, run_start, wall, tcp_before=tcp_before,
+                   tcp_after=tcp_counters())
 
 
 async def collect_load_in_procs(url: str, streams: int, frames: list[EncodedFrame], config: LoadConfig, stream,
@@ -435,7 +509,7 @@ async def collect_load_in_procs(url: str, streams: int, frames: list[EncodedFram
         graceful = False
         try:
             await clients.collect("ready", CLIENT_START_TIMEOUT_S)
-            before = await scrape(http)
+            before, tcp_before = await scrape(http), tcp_counters()
             run_start = time.monotonic() + CLIENT_START_MARGIN_S
             clients.start(time.time() + CLIENT_START_MARGIN_S)
             await asyncio.sleep(max(0.0, run_start - time.monotonic()))
@@ -459,7 +533,8 @@ async def collect_load_in_procs(url: str, streams: int, frames: list[EncodedFram
     by_proc = [result.loop_lag_s for result in results]
     worst = max(by_proc, key=lambda lags: (distribution(lags)["p99"] or 0.0, max(lags, default=0.0)))
     samples.loop_lag_s = list(worst)
-    return LoadRun(streams, logs, samples, before, after, run_start, wall, procs, by_proc)
+    return LoadRun(streams, logs, samples, before, after, run_start, wall, procs, by_proc, tcp_before=tcp_before,
+                   tcp_after=tcp_counters())
 
 
 async def stop_helpers(helpers: list[asyncio.Task]) -> None:
@@ -747,6 +822,12 @@ def summarize_run(streams: int, logs: list[StreamLog], samples: Samples, before:
             "push_lag_s": distribution(lags),
             "push_lag_growth_s": rise_over_run([p for log in logs for p in log.push_lag]),
             "push_rtt_s": distribution([r for log in logs for r in log.push_rtt_s]),
+            # A push's round trip split: its time in the server's handler, and the rest (the network stack, the
+            # server's event loop before and after the handler, the client's own loop).
+            "push_in_server_s": distribution([s for log in logs for s in log.push_server_s]),
+            "push_outside_server_s": distribution([r - s for log in logs
+                                                   for r, s in zip(log.push_rtt_s, log.push_server_s)]),
+            "slow_pushes": slow_push_report(logs),
         },
         "decisions": {
             "count": len(timings.decision_server),

@@ -222,6 +222,14 @@ def test_load_benchmark_report_is_well_formed(dispider_server, tmp_path):
     pushes = run["server_metrics"]["frame_push_s"]  # every pushed frame timed in the server, by phase
     assert set(pushes) == {"read", "decode", "handled"}
     assert all(pushes[phase]["count"] == run["frames"]["sent"] for phase in pushes)
+    # Each push's round trip is split by the server's own time (its Server-Timing header): both parts of every push.
+    frames = run["frames"]
+    assert frames["push_in_server_s"]["count"] == frames["push_outside_server_s"]["count"] == frames["sent"]
+    assert 0 < frames["push_in_server_s"]["p50"] <= frames["push_rtt_s"]["p50"]
+    assert frames["push_outside_server_s"]["max"] <= frames["push_rtt_s"]["max"]
+    slow = frames["slow_pushes"]
+    assert slow["over_s"] == 0.5 and len(slow["slowest"]) == min(slow["count"], 12)
+    assert sum(second["pushes"] for second in slow["busiest_seconds"]) <= slow["count"]
     assert_numbers_finite(report)
     # The sidecar's turn log (--sidecar-turn-log) lines up with the run: its turns over the run stepped the run's
     # four clips, and the timeline tool lists the turns around the slowest decisions.
