@@ -23,6 +23,9 @@ Recorded, with p50/p90/p99:
   answer; also from the ``decision`` event's arrival, and from /metrics (engine submit -> first text);
 - answer latency: clip's closing frame sent -> the answer's first ``chunk`` (what a viewer waits);
 - inter-token latency (per answer: first to last chunk / (tokens - 1)), gaps between chunks, tokens/s;
+- each push's round trip, split into the server's own time (its ``Server-Timing`` header), the wait before the
+  request went out (httpx's trace: the connection pool, connecting) and the wait for the response's headers; the
+  pushes over 0.5 s with when they happened (the run's busiest seconds), and the host's TCP counters over the run;
 - frames late or dropped, push lag and its growth, the server's backlog (sidecar pending clips, reaction queue)
   sampled from /metrics, GPU memory (/metrics if the server exports it, else nvidia-smi, else null).
 
@@ -164,7 +167,9 @@ class StreamLog:
     push_lag: list[tuple[float, float]] = field(default_factory=list)  # (seconds into the run, lag)
     push_rtt_s: list[float] = field(default_factory=list)
     push_server_s: list[float] = field(default_factory=list)  # the server's own time, as its Server-Timing says
-    slow_pushes: list[tuple[float, float, float]] = field(default_factory=list)  # (s into the run, rtt, server's)
+    slow_pushes: list[tuple[float, float, float, dict]] = field(default_factory=list)  # (s into the run, rtt,
+    # the server's own time, the client's phases: PushPhases.split)
+    push_waits: list[tuple[float, float]] = field(default_factory=list)  # per push: (before sending, for the response)
     sent_at: list[tuple[float, float]] = field(default_factory=list)  # (video timestamp, monotonic send time)
     end_sent_at: float | None = None
     events: StreamReport | None = None
@@ -270,18 +275,41 @@ async def push_paced(http: httpx.AsyncClient, session_id: str, frames: list[Enco
         frame = frames[k % len(frames)]
         timestamp = k / config.fps  # looping the video: time keeps going forward
         sent = time.monotonic()
+        phases = PushPhases(sent)
         response = await http.post(path, params={"timestamp": f"{timestamp:.3f}"}, content=frame.jpeg,
-                                   headers={"content-type": "image/jpeg"})
+                                   headers={"content-type": "image/jpeg"}, extensions={"trace": phases.trace})
         raise_for_api_error(response)
-        rtt, in_server = time.monotonic() - sent, server_timing_s(response)
+        rtt, in_server, split = time.monotonic() - sent, server_timing_s(response), phases.split()
         log.push_rtt_s.append(rtt)
         log.push_server_s.append(in_server)
+        log.push_waits.append((split["before_sending_s"], split["awaiting_response_s"]))
         if rtt > SLOW_PUSH_S:
-            log.slow_pushes.append((sent - run_start, rtt, in_server))
+            log.slow_pushes.append((sent - run_start, rtt, in_server, split))
         log.sent_at.append((timestamp, sent))
         log.push_lag.append((sent - run_start, lag))
         log.frames_sent += 1
         log.frames_late += lag > config.late_after_s
+
+
+class PushPhases:
+    """A push's time on the client's side, from httpx's trace events: before its request went out (waiting for a
+    connection of the pool, or connecting) and between its body sent and the response's headers received (the
+    network stack and the server). The rest is the client's own work."""
+
+    def __init__(self, started: float) -> None:
+        self.started = started
+        self.at: dict[str, float] = {}
+
+    async def trace(self, event: str, info: dict) -> None:
+        self.at.setdefault(event, time.monotonic())
+
+    def split(self) -> dict:
+        at, nan = self.at, math.nan
+        sending = at.get("http11.send_request_headers.started", nan)
+        waiting = at.get("http11.receive_response_headers.started", nan)
+        received = at.get("http11.receive_response_headers.complete", nan)
+        return {"before_sending_s": sending - self.started, "awaiting_response_s": received - waiting,
+                "new_connection": "connection.connect_tcp.started" in at}
 
 
 def server_timing_s(response: httpx.Response) -> float:
@@ -329,7 +357,7 @@ def slow_push_report(logs: list[StreamLog]) -> dict:
     """Pushes slower than SLOW_PUSH_S: how many, how much of their time was spent outside the server's handler,
     the seconds of the run that had the most of them (a burst at one moment points at a stall shared by all
     streams; spread out, at single connections), and the slowest ones."""
-    slow = [(at, rtt, server, log.index) for log in logs for at, rtt, server in log.slow_pushes]
+    slow = [(at, rtt, server, split, log.index) for log in logs for at, rtt, server, split in log.slow_pushes]
     by_second: dict[int, int] = {}
     for at, *_ in slow:
         by_second[int(at)] = by_second.get(int(at), 0) + 1
@@ -338,11 +366,16 @@ def slow_push_report(logs: list[StreamLog]) -> dict:
     return {
         "over_s": SLOW_PUSH_S,
         "count": len(slow),
-        "outside_server_s": distribution([rtt - server for _, rtt, server, _ in slow]),
+        "outside_server_s": distribution([rtt - server for _, rtt, server, _, _ in slow]),
+        "before_sending_s": distribution([split["before_sending_s"] for *_, split, _ in slow]),
+        "awaiting_response_s": distribution([split["awaiting_response_s"] for *_, split, _ in slow]),
+        "new_connections": sum(split["new_connection"] for *_, split, _ in slow),
         "seconds_with_any": len(by_second),
         "busiest_seconds": [{"at_s": second, "pushes": count} for second, count in busiest],
-        "slowest": [{"at_s": _r(at), "stream": stream, "rtt_s": _r(rtt), "server_s": _r(server)}
-                    for at, rtt, server, stream in slowest],
+        "slowest": [{"at_s": _r(at), "stream": stream, "rtt_s": _r(rtt), "server_s": _r(server),
+                     "before_sending_s": _r(split["before_sending_s"]),
+                     "awaiting_response_s": _r(split["awaiting_response_s"]), "new_connection": split["new_connection"]}
+                    for at, rtt, server, split, stream in slowest],
     }
 
 
@@ -733,7 +766,7 @@ def rise_over_run(points: list[tuple[float, float]]) -> float | None:
 
 
 def _r(value: float | None) -> float | None:
-    return None if value is None else round(value, 4)
+    return None if value is None or not math.isfinite(value) else round(value, 4)  # JSON has no NaN
 
 
 # ---- the run's summary -----------------------------------------------------------------------------------------------------
@@ -827,6 +860,10 @@ def summarize_run(streams: int, logs: list[StreamLog], samples: Samples, before:
             "push_in_server_s": distribution([s for log in logs for s in log.push_server_s]),
             "push_outside_server_s": distribution([r - s for log in logs
                                                    for r, s in zip(log.push_rtt_s, log.push_server_s)]),
+            # The client's side of every push: before its request went out (the pool, connecting), and from its
+            # body sent to the response's headers (the network stack and the server, handler included).
+            "push_before_sending_s": distribution([before for log in logs for before, _ in log.push_waits]),
+            "push_awaiting_response_s": distribution([awaiting for log in logs for _, awaiting in log.push_waits]),
             "slow_pushes": slow_push_report(logs),
         },
         "decisions": {

@@ -227,6 +227,9 @@ def test_load_benchmark_report_is_well_formed(dispider_server, tmp_path):
     assert frames["push_in_server_s"]["count"] == frames["push_outside_server_s"]["count"] == frames["sent"]
     assert 0 < frames["push_in_server_s"]["p50"] <= frames["push_rtt_s"]["p50"]
     assert frames["push_outside_server_s"]["max"] <= frames["push_rtt_s"]["max"]
+    # ... and by the client's trace of each request: before it went out, and awaiting the response's headers.
+    assert frames["push_before_sending_s"]["count"] == frames["push_awaiting_response_s"]["count"] == frames["sent"]
+    assert 0 < frames["push_awaiting_response_s"]["p50"] < frames["push_rtt_s"]["max"]
     slow = frames["slow_pushes"]
     assert slow["over_s"] == 0.5 and len(slow["slowest"]) == min(slow["count"], 12)
     assert sum(second["pushes"] for second in slow["busiest_seconds"]) <= slow["count"]
