@@ -105,9 +105,12 @@ REPORT_VERSION = 1
 STREAMS_PER_CLIENT_PROC = 64  # --client-procs auto: one client process per this many streams
 CLIENT_START_TIMEOUT_S = 120.0  # a client process imports and reports ready within this
 CLIENT_START_MARGIN_S = 0.5  # the common time origin lies this far after the "start" message is sent
-# Forget idle connections well before the server's keep-alive timeout (uvicorn: 5 s): reusing one the server is
-# closing at that moment fails the request with a ReadError (seen once among 128 streams on the H200).
-KEEPALIVE_EXPIRY_S = 2.0
+# Forget idle connections well before the server's keep-alive timeout (dispider-serve --keep-alive, 30 s): reusing
+# one the server is closing at that moment fails the request with a ReadError (seen once among 128 streams on the
+# H200 against uvicorn's 5 s). Long enough that the pool keeps the connections a burst of pushes opened instead of
+# closing them after 2 s and opening new ones at the next burst (tenth session: a push on a new connection waited
+# up to 20 s on a loaded server).
+KEEPALIVE_EXPIRY_S = 20.0
 # The sidecar's step histograms (serve/metrics.py).
 SIDECAR_BATCH_CLIPS = "dispider_sidecar_batch_clips"
 SIDECAR_STEP_SECONDS = "dispider_sidecar_step_seconds"

@@ -171,6 +171,10 @@ def build_parser() -> argparse.ArgumentParser:
     requests.add_argument("--session-idle-timeout", type=float, default=defaults.session_idle_timeout_s, metavar="S",
                           help=f"close a live session after S seconds without input or reader "
                                f"(default {defaults.session_idle_timeout_s:g})")
+    requests.add_argument("--keep-alive", type=int, default=defaults.keep_alive_s, metavar="S",
+                          help="seconds an idle HTTP connection stays open (default "
+                               f"{defaults.keep_alive_s}: a camera pushing a frame a second keeps one connection, and "
+                               "no client reuses one just as the server closes it; uvicorn's own default is 5)")
     requests.add_argument("--event-buffer", type=int, default=defaults.event_buffer, metavar="N",
                           help="events kept per session for readers that connect late "
                                f"(default {defaults.event_buffer})")
@@ -214,6 +218,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         default_max_tokens=args.default_max_tokens, max_upload_mb=args.max_upload_mb,
         allowed_local_media_path=args.allowed_local_media_path, media_fetch_timeout_s=args.media_fetch_timeout,
         max_sessions=args.max_sessions, session_idle_timeout_s=args.session_idle_timeout,
+        keep_alive_s=args.keep_alive,
         event_buffer=args.event_buffer, blocking_reaction=args.blocking_reaction,
         scheduling_policy=args.scheduling_policy, reaction_mps_priority=args.reaction_mps_priority,
         tenants_file=args.tenants,
@@ -239,7 +244,7 @@ def _check(parser: argparse.ArgumentParser, config: ServerConfig) -> str:
                 "--default-max-tokens": config.default_max_tokens, "--event-buffer": config.event_buffer,
                 "--respond-every": config.respond_every or 1, "--max-model-len": config.max_model_len,
                 "--capacity-streams": config.capacity_streams or 1, "--sidecar-kv-slots": config.sidecar_kv_slots,
-                "--max-kept-clips": config.max_kept_clips}
+                "--max-kept-clips": config.max_kept_clips, "--keep-alive": config.keep_alive_s}
     for flag, value in positive.items():
         if value < 1:
             parser.error(f"{flag} must be >= 1")
@@ -299,7 +304,7 @@ def main(argv: list[str] | None = None) -> None:
     uvicorn.run(
         app, host=config.host, port=config.port, log_level=config.log_level,
         ws_max_size=config.max_upload_bytes * 4 // 3 + 4096,  # a frame message: a base64 image and a little JSON
-        timeout_graceful_shutdown=10,
+        timeout_graceful_shutdown=10, timeout_keep_alive=config.keep_alive_s,
     )
 
 

@@ -56,6 +56,9 @@ class ServerConfig:
     media_fetch_timeout_s: float = 30.0
     max_sessions: int = 64
     session_idle_timeout_s: float = 600.0
+    # An idle HTTP connection stays open this long: a camera pushing a frame a second keeps one connection, and a
+    # client's pool (httpx: 5 s) never reuses one the server is closing at that moment. uvicorn's own default is 5.
+    keep_alive_s: int = 30
     event_buffer: int = 4096
     blocking_reaction: bool = False  # benchmark baseline: sessions' input waits while they answer
     # tenants and capacity (serve.tenants, serve.quotas, serve.admission)

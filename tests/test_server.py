@@ -491,6 +491,34 @@ def test_a_push_cut_off_midway_is_the_clients_doing(http, dispider_server):
     assert http.delete(f"/v1/sessions/{session['id']}").status_code == 200
 
 
+def test_an_idle_connection_outlives_uvicorns_default_keep_alive(dispider_server):
+    """A camera pushing a frame every few seconds keeps its connection: the server holds an idle one for
+    --keep-alive (30 s), not uvicorn's 5 s, so a client never has to open a new one between frames."""
+    import socket
+    from urllib.parse import urlsplit
+
+    address = urlsplit(dispider_server.url)
+    with socket.create_connection((address.hostname, address.port), timeout=10) as connection:
+        assert _get_health(connection).startswith(b"HTTP/1.1 200")
+        time.sleep(6)  # past uvicorn's default keep-alive of 5 s
+        assert _get_health(connection).startswith(b"HTTP/1.1 200")
+
+
+def _get_health(connection) -> bytes:
+    """GET /health on an open connection; the whole response (its Content-Length read)."""
+    connection.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+    reply = b""
+    while b"\r\n\r\n" not in reply:
+        chunk = connection.recv(65536)
+        assert chunk, "the server closed the connection"
+        reply += chunk
+    head, body = reply.split(b"\r\n\r\n", 1)
+    length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length"))
+    while len(body) < length:
+        body += connection.recv(65536)
+    return reply
+
+
 def test_unknown_session_websocket(dispider_server):
     from websockets.sync.client import connect
 
