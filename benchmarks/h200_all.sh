@@ -3,6 +3,8 @@
 #   graphs:    the sidecar's small-batch steps with CUDA graphs vs eager, and their outputs compared (graph_bench.py);
 #   sidecar:   sidecar capacity vs reference-style perception+decision, fused kernels on and off (sidecar_bench.py);
 #   reference: the reference-style computation with its blocking reaction (reference_bench.py);
+#   frames:    what a clip's close leaves to do with the CLIP tower run per clip at the close vs per frame as frames
+#              arrive (--frame-perception clip / arrival), outputs compared (frame_perception_bench.py);
 #   preprocess: the sidecar with clips preprocessed on the host vs as uint8 frames preprocessed on the GPU
 #              (sidecar_bench.py --compare-frames; --preprocess-on device, the server's default on a GPU);
 #   fp8:       the sidecar with and without FP8 matmuls (sidecar_bench.py --compare-fp8), plain vLLM's burst ceiling
@@ -57,6 +59,10 @@ fi
 if wants reference; then
   say "reference: reference-style computation with its blocking reaction"
   python3 "$here/reference_bench.py" --out "$RESULTS/reference_h200.json"
+fi
+if wants frames; then
+  say "frames: a clip's close with the CLIP tower per clip vs per frame on arrival"
+  python3 "$here/frame_perception_bench.py" --out "$RESULTS/frame_perception_h200.json"
 fi
 if wants preprocess; then
   say "preprocess: the sidecar with preprocessed clips vs clips of frames preprocessed on the GPU"

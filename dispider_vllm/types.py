@@ -35,6 +35,8 @@ class Clip:
     ``pixels`` is [16, 3, 224, 224] float32, already squashed to square, resized and CLIP-normalised; or the
     frames as they came, uint8 [16, H, W, 3], for the encoder to preprocess on its device (``preprocessed`` False).
     ``start``/``end`` are the seconds written into the time prompt.
+    ``features``: when the frames went through the CLIP tower as they arrived (the sidecar's ``frame_perception``
+    "arrival"), its output per frame, [16, 64, raw_dim] on the model's device, and ``pixels`` is empty.
     """
 
     index: int
@@ -42,10 +44,16 @@ class Clip:
     end: float
     pixels: torch.Tensor
     frame_times: tuple[float, ...] = ()
+    features: torch.Tensor | None = None
 
     @property
     def preprocessed(self) -> bool:
         return self.pixels.dtype != torch.uint8
+
+    @property
+    def perceived(self) -> bool:
+        """Whether the CLIP tower has seen the frames already (``features`` set)."""
+        return self.features is not None
 
 
 @dataclass

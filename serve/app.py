@@ -107,6 +107,7 @@ def make_backends(config: ServerConfig, parts: ModelParts) -> Backends:
         threads=placement.sidecar_threads,
         preprocess_on=config.preprocess_on,
         preprocess_workers=config.preprocess_workers,
+        frame_perception=config.frame_perception,
         kv_slots=config.sidecar_kv_slots,
         cuda_graphs=config.cuda_graphs,
         turn_log=config.sidecar_turn_log,

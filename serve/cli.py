@@ -110,6 +110,12 @@ def build_parser() -> argparse.ArgumentParser:
                          help="with host preprocessing: threads preprocessing each sampled frame as it arrives (and "
                               "stacking a closed clip's) in the sidecar, beside the GPU's work "
                               f"(default {defaults.preprocess_workers}; 0: on the sidecar's loop)")
+    sidecar.add_argument("--frame-perception", choices=["auto", "arrival", "clip"], default=defaults.frame_perception,
+                         help="when the CLIP tower sees a frame: arrival (soon after the frame arrives, batched with "
+                              "every stream's new frames, so a closing clip is left with the compact model's pass and "
+                              "the decision; needs device preprocessing; holds each clip in progress on the GPU, 8 MB "
+                              "at real shapes) or clip (over a clip's 16 frames when it closes). Default auto: arrival "
+                              "with device preprocessing, else clip")
     sidecar.add_argument("--sidecar-kv-slots", type=int, default=defaults.sidecar_kv_slots, metavar="N",
                          help="streams whose decision KV caches the sidecar allocates at start (default "
                               f"{defaults.sidecar_kv_slots}; about 29 MB each at real shapes; past them the pool doubles, "
@@ -208,7 +214,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         disable_custom_all_reduce=args.disable_custom_all_reduce,
         sidecar_device=args.sidecar_device, sidecar_threads=args.sidecar_threads,
         preprocess_on=args.preprocess_on, preprocess_workers=args.preprocess_workers,
-        sidecar_kv_slots=args.sidecar_kv_slots,
+        frame_perception=args.frame_perception, sidecar_kv_slots=args.sidecar_kv_slots,
         cuda_graphs=args.cuda_graphs, sidecar_turn_log=args.sidecar_turn_log,
         sidecar_quantization=args.sidecar_quantization, quantization=args.quantization,
         frame_ring_mb=args.frame_ring_mb,
@@ -255,6 +261,9 @@ def _check(parser: argparse.ArgumentParser, config: ServerConfig) -> str:
                         "--frame-ring-mb": config.frame_ring_mb}.items():
         if value < 0:
             parser.error(f"{flag} must be >= 0")
+    if config.frame_perception == "arrival" and config.preprocess_on == "host":
+        parser.error("--frame-perception arrival takes frames as they came, for the GPU to preprocess: "
+                     "it does not go with --preprocess-on host")
     if config.respond_probability is not None and not 0 <= config.respond_probability <= 1:
         parser.error("--respond-probability must be between 0 and 1")
     if config.sidecar_turn_log and (problem := _unwritable(Path(config.sidecar_turn_log))):

@@ -288,6 +288,28 @@ def test_graph_bench_tiny_writes_a_well_formed_report(tmp_path):
         assert timing["speedup"]["step"] > 0
 
 
+def test_frame_perception_bench_tiny_writes_a_well_formed_report(tmp_path):
+    """benchmarks/frame_perception_bench.py --tiny: both ways agree, every close and frame pass is timed."""
+    spec = importlib.util.spec_from_file_location("frame_perception_bench",
+                                                  ROOT / "benchmarks" / "frame_perception_bench.py")
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = bench
+    spec.loader.exec_module(bench)
+    out = tmp_path / "frames.json"
+    assert bench.main(["--tiny", "--sizes", "1,2", "--check-sizes", "1,2", "--frame-batches", "1,4", "--reps", "2",
+                       "--warmup", "1", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["benchmark"] == "frame_perception" and report["ok"] and report["errors"] == []
+    assert [c["clips"] for c in report["correctness"]] == [1, 2]
+    for check in report["correctness"]:
+        assert check["ok"] and all(check[n]["max_abs_diff"] < 1e-4 < check[n]["scale"] for n in ("raw", "memory"))
+    assert [c["clips"] for c in report["close"]] == [1, 2]
+    for close in report["close"]:
+        assert close["close_ms"]["clip"] > 0 and close["close_ms"]["arrival"] > 0
+        assert close["ratio_clip_over_arrival"] == close["close_ms"]["clip"] / close["close_ms"]["arrival"]
+    assert [(p["frames"], p["pass_ms"] > 0) for p in report["frame_passes"]] == [(1, True), (4, True)]
+
+
 # ---- on a GPU: capture and replay -----------------------------------------------------------------------------
 @cuda_only
 def test_captured_decision_graphs_replay_like_eager():

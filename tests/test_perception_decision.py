@@ -158,6 +158,45 @@ def test_clips_of_frames_are_preprocessed_by_the_encoder_as_on_the_host(modules,
         assert (host_second - host_first).abs().max() > 0.3 * scale, name
 
 
+@pytest.mark.parametrize("max_graph_clips", [8, 0], ids=["static-path", "eager-path"])
+def test_frames_perceived_as_they_arrive_give_the_clips_features(modules, max_graph_clips):
+    """perceive_frames (the CLIP tower per frame, frames of two sizes and one above 1280x720 in one pass), then
+    clips of those frames' tokens (Clip.features): the same raw, M and T as the clips of the frames' pixels, alone
+    and in one batch with a clip of pixels; in fp32 a CLIP frame sees no other frame, so equal to rounding."""
+    from concurrent.futures import Future
+
+    from dispider_vllm.perception.clips import PerceivedFrame, make_perceived_clip
+
+    config = PreprocessorConfig()
+    sizes = [(320, 240), (200, 150), (1281, 720)]
+    windows = [ClipWindow(i, 16.0 * i, 16.0 * (i + 1), tuple(make_test_frames(seconds=16, fps=1, size=size,
+                                                                             seed=i + 1)[:16]))
+               for i, size in enumerate(sizes)]
+    encoder = PerceptionEncoder(modules, max_graph_clips=max_graph_clips, preprocessor=config)
+    frames = [frame for window in windows for frame in window.frames]
+    tokens = encoder.perceive_frames([frame.pixels for frame in frames])
+    assert len(tokens) == 48 and all(t.shape == (modules.resolution, modules.raw_dim) for t in tokens)
+    assert len({t.untyped_storage().data_ptr() for t in tokens}) == 48  # each frame's tokens own their storage
+
+    def perceived(window: ClipWindow, offset: int) -> Clip:
+        futures = [Future() for _ in window.frames]
+        for future, frame_tokens in zip(futures, tokens[offset : offset + 16]):
+            future.set_result(frame_tokens)
+        return make_perceived_clip(ClipWindow(window.index, window.start, window.end, tuple(
+            PerceivedFrame(f.timestamp, f.pixels, future) for f, future in zip(window.frames, futures))))
+
+    of_tokens = [perceived(window, 16 * i) for i, window in enumerate(windows)]
+    assert all(clip.perceived and clip.pixels.numel() == 0 for clip in of_tokens)
+    of_pixels = [make_frames_clip(window, config) for window in windows]
+    want = encoder.encode(of_pixels)
+    for got in (encoder.encode(of_tokens), encoder.encode([of_tokens[0], of_pixels[1], of_tokens[2]])):
+        assert [f.index for f in got] == [0, 1, 2]
+        for name in ("raw", "memory", "indicator"):
+            for g, w in zip(got, want):
+                torch.testing.assert_close(getattr(g, name), getattr(w, name), atol=ATOL, rtol=0)
+    assert (want[1].memory - want[0].memory).abs().max() > 0.3 * want[0].memory.abs().max()
+
+
 def test_encode_then_decide_end_to_end(modules):
     clips = [make_clip(i + 1, 16.0 * i, seed=10 + i) for i in range(3)]
     features = PerceptionEncoder(modules).encode(clips)

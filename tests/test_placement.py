@@ -103,6 +103,8 @@ def test_engine_and_sidecar_options_reach_the_processes_that_use_them(default_ch
     assert backends("--preprocess-workers", "2").sidecar.config.preprocess_workers == 2
     assert default.sidecar.config.preprocess_on == "auto"
     assert backends("--preprocess-on", "device").sidecar.config.preprocess_on == "device"
+    assert default.sidecar.config.frame_perception == "auto"
+    assert backends("--frame-perception", "arrival").sidecar.config.frame_perception == "arrival"
     assert default.sidecar.config.kv_slots == 16 and default.sidecar.config.cuda_graphs
     tuned = backends("--sidecar-kv-slots", "512", "--no-cuda-graphs").sidecar.config
     assert tuned.kv_slots == 512 and not tuned.cuda_graphs
@@ -128,7 +130,10 @@ def test_engine_and_sidecar_options_reach_the_processes_that_use_them(default_ch
                                                (["--sidecar-turn-log", "/"], "--sidecar-turn-log /: is a directory"),
                                                (["--sidecar-turn-log", "/proc/no/turns.jsonl"], "--sidecar-turn-log"),
                                                (["--sidecar-quantization", "int4"], "invalid choice: 'int4'"),
-                                               (["--preprocess-on", "gpu"], "invalid choice: 'gpu'")])
+                                               (["--preprocess-on", "gpu"], "invalid choice: 'gpu'"),
+                                               (["--frame-perception", "arrival", "--preprocess-on", "host"],
+                                                "does not go with --preprocess-on host"),
+                                               (["--frame-perception", "frame"], "invalid choice: 'frame'")])
 def test_bad_sidecar_sizes_are_usage_errors(default_checkpoint, flags, message):
     result = subprocess.run([sys.executable, "-m", "serve", "--checkpoint", str(default_checkpoint.checkpoint_dir),
                              *flags], capture_output=True, text=True, timeout=120)

@@ -36,6 +36,7 @@ from dispider_vllm.sidecar.protocol import (
     Shutdown,
     StreamEnded,
     StreamError,
+    StreamOptions,
     Triggered,
 )
 from dispider_vllm.types import Frame
@@ -169,6 +170,91 @@ def test_device_preprocessing_perceives_and_decides_the_same_clips(modules, part
         host, device = rows["host"][stream_id], rows["device"][stream_id]
         assert len(host) == 3 and [(r[0], r[2], r[3]) for r in device] == [(r[0], r[2], r[3]) for r in host]
         assert max(abs(a[1] - b[1]) for a, b in zip(host, device)) < 2e-3, (host, device)
+
+
+def test_frames_perceived_as_they_arrive_give_the_same_decisions(modules, part_dir, frames):
+    """frame_perception="arrival": each sampled frame through the CLIP tower soon after it comes, batched over the
+    streams; closed clips come to the encoder as their frames' tokens. Streams of two frame sizes and one cut by
+    scene (whose clips still go whole) get the clips, triggers, retrievals and logits of frame_perception="clip"; a
+    stream closed mid-clip leaves nothing behind."""
+    streams = {"a": frames, "b": _resized(frames, (200, 150)), "scene": frames}
+    options = {"scene": StreamOptions(clip_mode="scene")}
+    rows, perceived = {}, {}
+    for mode in ("clip", "arrival"):
+        engine = new_engine(modules, part_dir, preprocess_on="device", frame_perception=mode, max_batch_clips=8)
+        encode, seen = engine.encoder.encode, perceived.setdefault(mode, [])
+        engine.encoder.encode = lambda clips: seen.extend(clip.perceived for clip in clips) or encode(clips)
+        try:
+            events = [e for stream_id in streams
+                      for e in engine.handle(OpenStream(stream_id, "What changes?", options.get(stream_id, StreamOptions())))]
+            events += engine.handle(OpenStream("gone", "What changes?"))
+            events += engine.handle(PushFrames("gone", tuple(frames[:10])))
+            events += engine.handle(CloseStream("gone"))
+            for start in range(0, len(frames), 5):  # the streams' pushes interleaved, steps in between
+                for stream_id, pushed in streams.items():
+                    chunk = pushed[start : start + 5]
+                    events += engine.handle(PushFrames(stream_id, tuple(chunk), end_of_stream=start + 5 >= len(pushed)))
+                events.extend(engine.step())
+            run_until_idle(engine, events)
+            rows[mode] = {stream_id: outcomes(events, stream_id) for stream_id in streams}
+            assert engine.features()["frame_perception"] == mode
+            assert not engine.streams and not engine._arrived and not engine._closing
+            assert not [e for e in events if isinstance(e, StreamError)]
+            passes = sum(engine.step_stats.step_seconds["perceive_frames"].counts)
+            if mode == "arrival":  # a's and b's 40 sampled frames each, gone's 5 (sampled at 1 fps) at most
+                assert 80 <= engine.frames_perceived_total <= 85 and passes >= 3
+            else:
+                assert engine.frames_perceived_total == 0 and passes == 0
+        finally:
+            engine.close()
+    scene_clips = len(rows["clip"]["scene"])  # those of a and b came as their frames' tokens, the scene's not
+    assert perceived["clip"].count(False) == 6 + scene_clips and True not in perceived["clip"]
+    assert (perceived["arrival"].count(True), perceived["arrival"].count(False)) == (6, scene_clips)
+    for stream_id in streams:
+        by_clip, on_arrival = rows["clip"][stream_id], rows["arrival"][stream_id]
+        assert len(by_clip) >= 2 and [r[0::2] for r in on_arrival] == [r[0::2] for r in by_clip]
+        assert max(abs(a[1] - b[1]) for a, b in zip(by_clip, on_arrival)) < 2e-3, (by_clip, on_arrival)
+
+
+def test_arrived_frames_go_to_the_tower_in_batches_or_when_a_clip_closes(modules, part_dir, frames):
+    """ArrivalPolicy: frames wait for the CLIP tower until enough of them wait, the oldest has waited long enough,
+    or a closed clip needs them; the loop has no work before that (it waits for commands instead of spinning)."""
+    from dispider_vllm.sidecar.engine import ArrivalPolicy
+
+    engine = new_engine(modules, part_dir, preprocess_on="device", frame_perception="arrival",
+                        arrival_policy=ArrivalPolicy(batch_frames=4, wait_s=0.2))
+    pushed = iter(frames)
+
+    def sample(count: int) -> None:
+        """Push frames until ``count`` more have been sampled (at 1 fps from the fixture's 2)."""
+        target = len(engine._arrived) + engine.frames_perceived_total + count
+        while len(engine._arrived) + engine.frames_perceived_total < target:
+            engine.handle(PushFrames("a", (next(pushed),)))
+
+    try:
+        engine.handle(OpenStream("a", "What changes?"))
+        sample(3)
+        assert not engine.has_work()
+        sample(1)
+        assert engine.has_work() and engine.step() == [] and engine.frames_perceived_total == 4
+        sample(1)
+        assert not engine.has_work()
+        time.sleep(0.25)
+        assert engine.has_work() and engine.step() == [] and engine.frames_perceived_total == 5
+        sample(10)
+        engine.step()  # at most max_frames; all 10 due at once here
+        assert engine.frames_perceived_total == 15 and not engine.has_work()
+        sample(1)  # the 16th closes clip 0: it goes now, with its last frame
+        assert engine.has_work()
+        events = engine.step()
+        assert engine.frames_perceived_total == 16
+        assert [type(e).__name__ for e in events] == ["ClipPerceived", "Decision"]
+    finally:
+        engine.close()
+    with pytest.raises(ValueError, match="needs preprocess_on='device'"):
+        new_engine(modules, part_dir, preprocess_on="host", frame_perception="arrival")
+    with pytest.raises(ValueError, match="frame_perception is one of"):
+        new_engine(modules, part_dir, preprocess_on="device", frame_perception="frame")
 
 
 def test_streams_batched_together_match_each_stream_alone(modules, part_dir, frames):
@@ -492,7 +578,8 @@ def test_stats_report_each_steps_clips_phases_and_queue_waits(modules, part_dir,
     assert set(stats.gc_pause_seconds) == {"0", "1", "2"} and sum(stats.gc_pause_seconds["2"].counts) == 1
     assert stats.clips_total == 6 and stats.batches_total >= 3
     assert sum(stats.batch_clips.counts) == stats.batches_total and stats.batch_clips.total == 6
-    assert set(stats.step_seconds) == {"preprocess_wait", "perceive", "decide"}
+    assert set(stats.step_seconds) == {"preprocess_wait", "perceive_frames", "perceive", "decide"}
+    assert sum(stats.step_seconds.pop("perceive_frames").counts) == 0  # frames go to the tower with their clips here
     for phase, histogram in stats.step_seconds.items():
         assert sum(histogram.counts) == stats.batches_total, phase
         assert len(histogram.counts) == len(histogram.bounds) + 1 and histogram.total >= 0
@@ -512,6 +599,12 @@ def test_the_sidecar_process_preprocesses_on_a_pool(part_dir):
     assert engine.preprocess_on == "host"  # auto on the CPU: host threads overlap the CPU's model work
     on_device = _build_engine(SidecarConfig(part_dir=str(part_dir), preprocess_on="device"))
     assert (on_device.preprocess_on, on_device.preprocess_workers, on_device._pool) == ("device", 0, None)
+    # frame_perception auto: frames through the tower on arrival wherever the device preprocesses them
+    assert (engine.frame_perception, on_device.frame_perception) == ("clip", "arrival")
+    arrival = _build_engine(SidecarConfig(part_dir=str(part_dir), frame_perception="arrival"))
+    assert (arrival.preprocess_on, arrival.frame_perception) == ("device", "arrival")
+    by_clip = _build_engine(SidecarConfig(part_dir=str(part_dir), preprocess_on="device", frame_perception="clip"))
+    assert by_clip.frame_perception == "clip"
 
 
 def test_kept_clips_of_all_streams_stay_within_the_budget_and_are_reported(modules, part_dir, frames):

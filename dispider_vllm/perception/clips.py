@@ -18,7 +18,9 @@ closed :class:`ClipWindow` s and :func:`make_clip` preprocesses one into its :cl
 state, so the sidecar runs it on worker threads while the stream goes on. :meth:`ClipAssembler.push` does both.
 Preprocessing can also run per frame as it arrives (:func:`prepare_frame_pixels`, a :class:`PreparedFrame` in the
 assembler's place); closing its clip then only stacks the 16 prepared frames. Or not at all on the host:
-:func:`make_frames_clip` stacks the frames as they came, for the encoder to preprocess on its GPU.
+:func:`make_frames_clip` stacks the frames as they came, for the encoder to preprocess on its GPU. Or a frame
+goes through the CLIP tower itself as it arrives (a :class:`PerceivedFrame`), and :func:`make_perceived_clip`
+stacks its 16 frames' CLIP tokens.
 """
 
 from __future__ import annotations
@@ -59,6 +61,27 @@ class PreparedFrame(Frame):
     another thread."""
 
     prepared: Future | None = None
+
+
+@dataclass(frozen=True)
+class PerceivedFrame(Frame):
+    """A sampled frame queued for the CLIP tower as it arrived: ``features`` is the Future of its merged CLIP tokens
+    [64, raw_dim] on the model's device (:meth:`~dispider_vllm.perception.encoder.PerceptionEncoder.perceive_frames`)."""
+
+    features: Future | None = None
+
+
+def make_perceived_clip(window: ClipWindow) -> Clip:
+    """The window's Clip from its frames' CLIP tokens (every frame's Future done): ``features`` [16, 64, raw_dim],
+    no pixels. Raises what a frame's perception raised."""
+    return Clip(
+        index=window.index,
+        start=window.start,
+        end=window.end,
+        pixels=torch.empty(0),
+        frame_times=tuple(f.timestamp for f in window.frames),
+        features=torch.stack([frame.features.result() for frame in window.frames]),
+    )
 
 
 def prepare_frame_pixels(frame: Frame, preprocessor: PreprocessorConfig) -> torch.Tensor:

@@ -19,6 +19,9 @@ eager (their launch overhead is spread over many clips), pipelined as below.
 Clips may come preprocessed (float32 pixels) or as their frames (uint8 [16, H, W, 3], ``Clip.preprocessed``
 False): the encoder then copies the uint8 frames to its device and preprocesses them there
 (:func:`~dispider_vllm.perception.frames.preprocess_on_device`), outside the graph, into the same pixel input.
+Or step 1 and 2 are done already, frame by frame as the frames arrived (:meth:`PerceptionEncoder.perceive_frames`;
+``Clip.features``): a CLIP frame sees no other frame, so its tokens are the same whenever it runs, and a clip that
+closes is left with steps 3 and 4 only, about half its perception.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -37,7 +41,8 @@ from ..cuda_graphs import GraphCache, StaticShapes, copy_from_host, cuda_graphs_
 from ..decision.compact_lm import CompactLM
 from ..fp8 import fp8_linear, fp8_sequential
 from ..types import Clip, ClipFeatures
-from .frames import PreprocessorConfig, preprocess_on_device
+from .clips import DEVICE_PREPROCESS_MAX_PIXELS
+from .frames import PreprocessorConfig, normalize_with_config, preprocess_on_device, resize_with_config
 from .modules import PerceptionDecisionModules
 
 IMAGE_PLACEHOLDER = "<image>"
@@ -81,7 +86,8 @@ class PerceptionBucket:
 
     clips: int
     length: int
-    clip_shape: tuple[int, ...]  # [frames, 3, H, W]
+    clip_shape: tuple[int, ...]  # [frames, 3, H, W]; of perceived clips [frames, tokens, raw_dim]
+    perceived: bool = False  # the clips come as their frames' CLIP tokens (Clip.features), not pixels
 
 
 class _ClipLinears(NamedTuple):
@@ -163,6 +169,7 @@ class PerceptionEncoder:
         self._pixel_staging = _PinnedPair(max_clips_per_pass)
         self._frame_staging = _PinnedPair(max_clips_per_pass)  # uint8 frames of clips preprocessed on the device
         self._raw_staging = _PinnedPair(max_clips_per_pass)
+        self._arrived_staging = _PinnedPair(0)  # uint8 frames of perceive_frames, flat
         tower = modules.vision_tower
         self._tower = getattr(tower, "vision_model", tower)  # transformers 4 wraps the layers one level down
         num_layers = len(self._tower.encoder.layers)
@@ -184,6 +191,62 @@ class PerceptionEncoder:
 
     @torch.inference_mode()
     def encode(self, clips: Sequence[Clip]) -> list[ClipFeatures]:
+        """The clips' (raw, M, T), in order. Clips whose frames were perceived already and clips of pixels go in
+        separate passes (one takes the CLIP tower, the other does not)."""
+        perceived = [index for index, clip in enumerate(clips) if clip.perceived]
+        if not perceived or len(perceived) == len(clips):
+            return self._encode_alike(clips)
+        features: list[ClipFeatures | None] = [None] * len(clips)
+        others = [index for index, clip in enumerate(clips) if not clip.perceived]
+        for group in (perceived, others):
+            for index, feature in zip(group, self._encode_alike([clips[i] for i in group])):
+                features[index] = feature
+        return features
+
+    @torch.inference_mode()
+    def perceive_frames(self, frames: Sequence[np.ndarray]) -> list[torch.Tensor]:
+        """Sampled frames (RGB uint8 [H, W, 3], of any sizes) -> each frame's merged CLIP tokens [64, raw_dim] on
+        the model's device, each owning its storage: steps 1 and 2 of a clip's perception, run as its frames arrive
+        (batched over every stream's new frames) so that a closing clip only has its pass left (Clip.features).
+        Frames of one size are preprocessed on the device together; frames above 1280x720 on the host."""
+        device = self.modules.device
+        pixels = torch.empty((len(frames), 3, self.preprocessor.crop_height, self.preprocessor.crop_width),
+                             dtype=torch.float32, device=device)
+        for start, end in _same_shape_runs(frames):
+            self._write_frame_pixels(frames[start:end], pixels[start:end])
+        with record_function("perception.frames_tower"):
+            patches = torch.cat([self.patch_features(pixels[i : i + self.max_frames_per_batch])
+                                 for i in range(0, len(frames), self.max_frames_per_batch)])
+            merged = merge_neighbours(patches, self.modules.merge_factor)
+        return [tokens.clone() for tokens in merged]  # a view would keep the whole batch alive until its last clip
+
+    def _write_frame_pixels(self, frames: Sequence[np.ndarray], target: torch.Tensor) -> None:
+        """Frames of one size -> preprocessed pixels in ``target`` [n, 3, h, w] on the model's device."""
+        height, width = frames[0].shape[:2]
+        if height * width > DEVICE_PREPROCESS_MAX_PIXELS:  # a batch of large frames would cost GPU memory by the GB
+            host = normalize_with_config(resize_with_config(list(frames), self.preprocessor), self.preprocessor)
+            target.copy_(host)
+            return
+        uint8 = torch.empty((len(frames), height, width, 3), dtype=torch.uint8, device=target.device)
+        self._copy_frames(frames, uint8)
+        with record_function("perception.preprocess_frames"):
+            for first in range(0, len(frames), PREPROCESS_FRAMES_PER_PASS):
+                last = first + PREPROCESS_FRAMES_PER_PASS
+                target[first:last] = preprocess_on_device(uint8[first:last], self.preprocessor)
+
+    def _copy_frames(self, frames: Sequence[np.ndarray], target: torch.Tensor) -> None:
+        """np.stack(frames) into ``target``; to a GPU through a reused pinned buffer, as _copy_stacked."""
+        if target.device.type != "cuda":
+            target.copy_(torch.from_numpy(np.stack(frames)))
+            return
+        # One flat buffer whatever the frames' size (a pinned allocation per new shape would be slow), grown as needed.
+        staging, index = self._arrived_staging.take((target.numel(),), torch.uint8)
+        staging = staging.view(target.shape)
+        np.stack(frames, out=staging.numpy())
+        target.copy_(staging, non_blocking=True)
+        self._arrived_staging.copy_recorded(index)
+
+    def _encode_alike(self, clips: Sequence[Clip]) -> list[ClipFeatures]:
         features: list[ClipFeatures] = []
         previous: _LaunchedChunk | None = None
         for first in range(0, len(clips), self.max_clips_per_pass):
@@ -202,7 +265,7 @@ class PerceptionEncoder:
             return self._launch_static(clips, pieces, bucket)
         # Named ranges show up in torch.profiler traces (benchmarks/sidecar_bench.py --profile); free otherwise.
         with record_function("perception.clip_tower"):
-            raw = self.raw_tokens(self._pixels_on_device(clips))
+            raw = _perceived_raw(clips) if clips[0].perceived else self.raw_tokens(self._pixels_on_device(clips))
         with record_function("perception.project"):
             projected = self.project(raw)
         with record_function("perception.first_pass"):
@@ -212,19 +275,26 @@ class PerceptionEncoder:
         return _LaunchedChunk(clips, raw, memory, indicator, copied)
 
     # ---- the static-shape (graph) path ----------------------------------------------------------------------
-    def capture_graphs(self, clip_shape: tuple[int, ...], clip_starts: Sequence[float] = (0.0, 99_984.0)) -> int:
+    def capture_graphs(self, clip_shape: tuple[int, ...], clip_starts: Sequence[float] = (0.0, 99_984.0), *,
+                       perceived: bool = False) -> int:
         """Capture the graph of every clip-count bucket now, for the time prompts of clips starting at
         ``clip_starts`` seconds (their digits set the prompt's length bucket); returns the graphs alive.
+        ``perceived``: also those of clips whose frames went through the CLIP tower already (Clip.features).
 
         Otherwise each bucket is captured by the first step that needs it, which stalls the sidecar's loop for a
         few tenths of a second while live streams wait (the tail of the decision latency under load)."""
         if not self.graphs.graphed:
             return 0
-        pixels = torch.zeros(clip_shape, dtype=torch.float32)
         seconds = clip_shape[0]
-        for start in clip_starts:
-            for count in self.graph_shapes.batch_buckets():
-                self.encode([Clip(i, start, start + seconds, pixels) for i in range(count)])
+        kinds = [dict(pixels=torch.zeros(clip_shape, dtype=torch.float32))]
+        if perceived:
+            features = torch.zeros((seconds, self.modules.resolution, self.modules.raw_dim), dtype=self.modules.dtype,
+                                   device=self.modules.device)
+            kinds.append(dict(pixels=torch.empty(0), features=features))
+        for kind in kinds:
+            for start in clip_starts:
+                for count in self.graph_shapes.batch_buckets():
+                    self.encode([Clip(i, start, start + seconds, **kind) for i in range(count)])
         return len(self.graphs)
 
     def perception_bucket(self, clips: Sequence[Clip],
@@ -236,10 +306,13 @@ class PerceptionEncoder:
         length = self.graph_shapes.length(max(len(before) + len(after) for before, after in pieces) + image_tokens)
         if rows is None or length is None or any(self.input_shape(c) != clip_shape for c in clips):
             return None
-        return PerceptionBucket(rows, length, clip_shape)
+        return PerceptionBucket(rows, length, clip_shape, perceived=clips[0].perceived)
 
     def input_shape(self, clip: Clip) -> tuple[int, ...]:
-        """The clip's pixels as the CLIP tower takes them: [16, 3, h, w] (frames still to preprocess included)."""
+        """The clip's pixels as the CLIP tower takes them: [16, 3, h, w] (frames still to preprocess included); or
+        its frames' CLIP tokens [16, 64, raw_dim] when it has them already."""
+        if clip.perceived:
+            return tuple(clip.features.shape)
         if clip.preprocessed:
             return tuple(clip.pixels.shape)
         return (clip.pixels.shape[0], 3, self.preprocessor.crop_height, self.preprocessor.crop_width)
@@ -249,7 +322,10 @@ class PerceptionEncoder:
         self.graphs.bind(self.lm.rope_table())
         static = self.graphs.inputs(bucket, lambda: self._perception_inputs(bucket))
         with record_function("perception.stage_inputs"):
-            self._stage_pixels(clips, static["pixels"])
+            if bucket.perceived:
+                torch.stack([clip.features for clip in clips], out=static["features"][: len(clips)])
+            else:
+                self._stage_pixels(clips, static["pixels"])
             copy_from_host(static["text"], self._text_rows(pieces, bucket))
         with record_function("perception.graph"):
             raw, memory, indicator = self.graphs.run(bucket, self._perception_pass)
@@ -264,10 +340,15 @@ class PerceptionEncoder:
         return _LaunchedChunk(clips, raw, memory, indicator, copied)
 
     def _perception_inputs(self, bucket: PerceptionBucket) -> dict[str, torch.Tensor]:
-        """Static inputs: the clips' pixels, and per clip its image's start then its token ids (see _text_rows)."""
+        """Static inputs: the clips' pixels (or their frames' CLIP tokens), and per clip its image's start then its
+        token ids (see _text_rows)."""
         device = self.modules.device
+        text = torch.zeros(bucket.clips, 1 + bucket.length, dtype=torch.long, device=device)
+        if bucket.perceived:
+            return {"features": torch.zeros(bucket.clips, *bucket.clip_shape, dtype=self.modules.dtype, device=device),
+                    "text": text}
         return {"pixels": torch.zeros(bucket.clips, *bucket.clip_shape, dtype=torch.float32, device=device),
-                "text": torch.zeros(bucket.clips, 1 + bucket.length, dtype=torch.long, device=device)}
+                "text": text}
 
     def _text_rows(self, pieces: Sequence[tuple[list[int], list[int]]], bucket: PerceptionBucket) -> torch.Tensor:
         """[clips, 1 + length] on the host: the image's start, then the prompt's ids with placeholder ids (0) where
@@ -317,8 +398,9 @@ class PerceptionEncoder:
         staging_pair.copy_recorded(index)
 
     def _perception_pass(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The graph body: pixels and text rows -> raw [N, 1024, 4C], M [N, 64, H], T [N, H] of every padded clip."""
-        raw = self.raw_tokens(inputs["pixels"])
+        """The graph body: pixels (or CLIP tokens) and text rows -> raw [N, 1024, 4C], M [N, 64, H], T [N, H] of
+        every padded clip."""
+        raw = inputs["features"].flatten(1, 2) if "features" in inputs else self.raw_tokens(inputs["pixels"])
         projected = self.project(raw)
         starts, ids = inputs["text"][:, 0], inputs["text"][:, 1:]
         embeds = self.lm.model.embed_tokens(ids)
@@ -425,6 +507,22 @@ class PerceptionEncoder:
         if len(parts) != 2:
             raise ValueError(f"a time prompt needs exactly one {IMAGE_PLACEHOLDER}: {prompt!r}")
         return self.modules.token_ids(parts[0]), self.modules.token_ids(parts[1]) if parts[1] else []
+
+
+def _perceived_raw(clips: Sequence[Clip]) -> torch.Tensor:
+    """raw [N, 16*64, raw_dim] of clips whose frames were perceived as they arrived."""
+    return torch.stack([clip.features for clip in clips]).flatten(1, 2)
+
+
+def _same_shape_runs(frames: Sequence[np.ndarray]) -> list[tuple[int, int]]:
+    """[start, end) of each run of neighbouring frames of one shape."""
+    runs: list[tuple[int, int]] = []
+    for index, frame in enumerate(frames):
+        if runs and frames[runs[-1][0]].shape == frame.shape:
+            runs[-1] = (runs[-1][0], index + 1)
+        else:
+            runs.append((index, index + 1))
+    return runs
 
 
 def _alike_runs(clips: Sequence[Clip]) -> list[tuple[int, int]]:

@@ -11,6 +11,9 @@ sidecar process runs one on the CPU), so when a clip closes only stacking its 16
 the CPU work is spread over the clip's 16 seconds instead of sitting between its last frame and its step. With
 ``preprocess_on="device"`` (the sidecar's default on a GPU) the host does none of it: a closing clip stacks its
 uint8 frames, and the encoder resizes and normalises them on the GPU, batched with the step's other clips.
+With ``frame_perception="arrival"`` (on top of device preprocessing) each sampled frame also goes through the CLIP
+tower soon after it arrives, batched with every stream's frames of that moment, so a closing clip is left with the
+compact model's pass and the decision: about half the work between its last frame and its decision.
 """
 
 from __future__ import annotations
@@ -29,9 +32,11 @@ from dispider_vllm.fp8 import check_supported as check_fp8_supported
 from dispider_vllm.perception.clips import (
     ClipAssembler,
     ClipWindow,
+    PerceivedFrame,
     PreparedFrame,
     make_clip,
     make_frames_clip,
+    make_perceived_clip,
     prepare_frame_pixels,
 )
 from dispider_vllm.perception.encoder import PerceptionEncoder
@@ -62,8 +67,20 @@ log = logging.getLogger("dispider.sidecar")
 BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.4, 0.6, 0.8, 1.0, 1.25,
                    1.5, 2.0, 3.0, 5.0, 10.0, 30.0, 60.0, 120.0)
-STEP_PHASES = ("preprocess_wait", "perceive", "decide")
+STEP_PHASES = ("preprocess_wait", "perceive_frames", "perceive", "decide")
 PREPROCESS_PLACES = ("host", "device")
+FRAME_PERCEPTIONS = ("clip", "arrival")
+
+
+@dataclass(frozen=True)
+class ArrivalPolicy:
+    """When frames that arrived go through the CLIP tower (``frame_perception="arrival"``): at once when a closed
+    clip needs them; otherwise once ``batch_frames`` wait or the oldest has waited ``wait_s`` (so a few streams'
+    frames still go in batches, and a pass never holds more than ``max_frames`` of them)."""
+
+    batch_frames: int = 64
+    wait_s: float = 0.25
+    max_frames: int = 512
 
 
 @dataclass
@@ -114,6 +131,7 @@ class StreamState:
     sampler: FrameSampler
     assembler: ClipAssembler
     ready: deque[PendingClip] = field(default_factory=deque)
+    perceives_on_arrival: bool = False  # its frames go through the CLIP tower as they come
     received_at: dict[int, float] = field(default_factory=dict)  # clip index -> when its last frame came
     end_requested: bool = False
     clips_closed: int = 0
@@ -165,9 +183,14 @@ class SidecarEngine:
         preprocess_on: str = "host",
         cuda_graphs: bool = True,
         fp8: bool = False,
+        frame_perception: str = "clip",
+        arrival_policy: ArrivalPolicy | None = None,
     ) -> None:
         """``preprocess_on``: "host" (the CPU resizes and normalises each frame) or "device" (the encoder does,
         on the model's device; the host only stacks a clip's uint8 frames, inline, and no pool runs).
+        ``frame_perception``: "clip" (the CLIP tower runs over a clip's 16 frames when it closes) or "arrival"
+        (over each frame soon after it arrives, when ``arrival_policy`` says; needs ``preprocess_on="device"``; clips
+        cut by scene still go whole, as their 16 frames are chosen only when the scene ends).
         ``preprocess_workers``: threads preprocessing frames on the host; 0 (the default): inline, in
         ``handle``, so which clips a step finds ready does not depend on timing (the sidecar process uses a pool).
         ``preprocess_wait_s``: how long a step waits at most for clips still being preprocessed (see ``step``).
@@ -177,6 +200,15 @@ class SidecarEngine:
             check_fp8_supported(modules.device)
         if preprocess_on not in PREPROCESS_PLACES:
             raise ValueError(f"preprocess_on is one of {PREPROCESS_PLACES}, not {preprocess_on!r}")
+        if frame_perception not in FRAME_PERCEPTIONS:
+            raise ValueError(f"frame_perception is one of {FRAME_PERCEPTIONS}, not {frame_perception!r}")
+        if frame_perception == "arrival" and preprocess_on != "device":
+            raise ValueError("frame_perception='arrival' takes the frames as they came: it needs preprocess_on='device'")
+        self.frame_perception = frame_perception
+        self.arrival_policy = arrival_policy or ArrivalPolicy()
+        self._arrived: deque[tuple[float, str, PerceivedFrame]] = deque()  # (monotonic, stream, frame), oldest first
+        self._closing: deque[tuple[str, ClipWindow, Future]] = deque()  # windows waiting for their frames' tokens
+        self.frames_perceived_total = 0
         self.modules = modules
         self.preprocessor = preprocessor or PreprocessorConfig()
         self.preprocess_on = preprocess_on
@@ -205,7 +237,8 @@ class SidecarEngine:
         decode), so no live step stalls on a capture; what was captured and how long it took."""
         started = time.monotonic()
         clip_shape = (FRAMES_PER_CLIP, 3, self.preprocessor.crop_height, self.preprocessor.crop_width)
-        captured = {"perception": self.encoder.capture_graphs(clip_shape), "decision": self.decision.capture_graphs()}
+        captured = {"perception": self.encoder.capture_graphs(clip_shape, perceived=self.frame_perception == "arrival"),
+                    "decision": self.decision.capture_graphs()}
         self.graphs_captured = {**captured, "seconds": round(time.monotonic() - started, 2)}
         return self.graphs_captured
 
@@ -214,6 +247,7 @@ class SidecarEngine:
         return {"device": str(self.modules.device), "fused_ops": self.decision.lm.fused,
                 "cuda_graphs": {"perception": self.encoder.graphs.graphed, "decision": self.decision.lm.graphs.graphed},
                 "max_batch_clips": self.max_batch_clips, "preprocess_on": self.preprocess_on,
+                "frame_perception": self.frame_perception,
                 "preprocess_workers": self.preprocess_workers,
                 "kv_slots": self.decision.pool.num_slots, "graphs_captured_at_start": self.graphs_captured,
                 "max_kept_clips": self.decision.config.max_kept_clips,
@@ -256,6 +290,9 @@ class SidecarEngine:
             assembler=ClipAssembler(
                 options.frames_per_clip, options.sample_fps, options.clip_mode, preprocessor=self.preprocessor
             ),
+            # Scene clips pick their 16 frames when the scene ends, out of however many it had: each frame through
+            # the tower as it came would cost more and hold GPU memory for the whole scene.
+            perceives_on_arrival=self.frame_perception == "arrival" and options.clip_mode == "uniform",
         )
         self.decision.open(command.stream_id, command.question)
         return []
@@ -267,13 +304,13 @@ class SidecarEngine:
         for frame in frames:
             try:
                 for window in self._assemble(stream, frame):
-                    stream.ready.append(PendingClip(self._preprocess(window), received_at, window.index))
+                    stream.ready.append(PendingClip(self._preprocess(stream, window), received_at, window.index))
             except FrameError as error:
                 events.append(StreamError(stream_id, "invalid_frame", str(error)))
         if end_of_stream and not stream.end_requested:
             stream.end_requested = True
             for window in stream.assembler.flush_windows():
-                stream.ready.append(PendingClip(self._preprocess(window), received_at, window.index))
+                stream.ready.append(PendingClip(self._preprocess(stream, window), received_at, window.index))
                 stream.clips_closed += 1
         events.extend(self._finished_streams())
         return events
@@ -286,20 +323,29 @@ class SidecarEngine:
         if stream.assembler.start is None:
             stream.assembler.start = stream.sampler.start  # windows start where the stream's time starts
         windows = [window for sampled in sampled_frames
-                   for window in stream.assembler.push_windows(self._prepare(sampled))]
+                   for window in stream.assembler.push_windows(self._prepare(stream, sampled))]
         stream.clips_closed += len(windows)
         return windows
 
-    def _prepare(self, frame: Frame) -> Frame:
+    def _prepare(self, stream: StreamState, frame: Frame) -> Frame:
         """The sampled frame, its preprocessing started (on the pool, or done here without one); as it is when the
-        device preprocesses it."""
+        device preprocesses it; queued for the CLIP tower when the stream's frames go there as they come."""
+        if stream.perceives_on_arrival:
+            perceived = PerceivedFrame(frame.timestamp, frame.pixels, Future())
+            self._arrived.append((time.monotonic(), stream.stream_id, perceived))
+            return perceived
         if self.preprocess_on == "device":
             return frame
         return PreparedFrame(frame.timestamp, frame.pixels, self._run(prepare_frame_pixels, frame, self.preprocessor))
 
-    def _preprocess(self, window: ClipWindow) -> Future:
+    def _preprocess(self, stream: StreamState, window: ClipWindow) -> Future:
         """The window's Clip, made on the pool (or here, done already, without one); a failure stays in the Future.
-        Its frames' jobs went into the pool's queue before this one, so waiting for them here cannot deadlock."""
+        Its frames' jobs went into the pool's queue before this one, so waiting for them here cannot deadlock.
+        A window of frames perceived on arrival becomes its Clip in the step that has all their tokens."""
+        if stream.perceives_on_arrival:
+            clip: Future = Future()
+            self._closing.append((stream.stream_id, window, clip))
+            return clip
         return self._run(make_frames_clip if self.preprocess_on == "device" else make_clip, window, self.preprocessor)
 
     def _run(self, function, *args) -> Future:
@@ -328,8 +374,16 @@ class SidecarEngine:
 
     # -- batched work -------------------------------------------------------------------------------------
     def has_work(self) -> bool:
-        """Closed clips wait, preprocessed or not (``step`` waits briefly for the ones in preprocessing)."""
-        return any(stream.ready for stream in self.streams.values())
+        """Closed clips wait, preprocessed or not (``step`` waits briefly for the ones in preprocessing), or
+        arrived frames are due for the CLIP tower."""
+        return any(stream.ready for stream in self.streams.values()) or self._frames_due()
+
+    def _frames_due(self) -> bool:
+        if not self._arrived:
+            return False
+        policy = self.arrival_policy
+        return (bool(self._closing) or len(self._arrived) >= policy.batch_frames
+                or time.monotonic() - self._arrived[0][0] >= policy.wait_s)
 
     def pending_clips(self) -> int:
         return sum(len(stream.ready) for stream in self.streams.values())
@@ -342,6 +396,8 @@ class SidecarEngine:
         unless the finished ones fill a batch, the step first waits for those in preprocessing, at most
         ``preprocess_wait_s`` (which also keeps the loop from spinning while the only work is in the pool).
         """
+        if self._frames_due() or self._closing:
+            self._perceive_arrived_frames()
         waited = self._wait_for_preprocessing()
         failed: list[Event] = []
         batch = self._take_fair_batch(failed)
@@ -358,8 +414,51 @@ class SidecarEngine:
         events.extend(self._finished_streams())
         return events
 
+    def _perceive_arrived_frames(self) -> None:
+        """The frames that arrived since the last pass, every stream's (oldest first, at most the policy's
+        ``max_frames``), through the CLIP tower as one batch; then each closed window whose frames all have their
+        tokens becomes its Clip. A failed pass fails the clips of its frames (each stream's error)."""
+        taken: list[PerceivedFrame] = []
+        while self._arrived and len(taken) < self.arrival_policy.max_frames:
+            _, stream_id, frame = self._arrived.popleft()
+            if stream_id in self.streams:
+                taken.append(frame)
+            else:
+                frame.features.cancel()  # its stream was closed: nobody will take it
+        if taken:
+            started = time.monotonic()
+            try:
+                tokens = self.encoder.perceive_frames([frame.pixels for frame in taken])
+            except Exception as error:  # noqa: BLE001 - reported by each of these frames' clips
+                log.exception("the CLIP tower's pass over %d arrived frames failed", len(taken))
+                for frame in taken:
+                    frame.features.set_exception(error)
+            else:
+                for frame, frame_tokens in zip(taken, tokens):
+                    frame.features.set_result(frame_tokens)
+            self.frames_perceived_total += len(taken)
+            self.step_stats.step_seconds["perceive_frames"].observe(time.monotonic() - started)
+        self._close_perceived_windows()
+
+    def _close_perceived_windows(self) -> None:
+        waiting: deque[tuple[str, ClipWindow, Future]] = deque()
+        for stream_id, window, clip in self._closing:
+            if stream_id not in self.streams:
+                clip.cancel()
+            elif all(frame.features.done() for frame in window.frames):
+                try:
+                    clip.set_result(make_perceived_clip(window))
+                except Exception as error:  # noqa: BLE001 - the stream's error when the clip's turn comes
+                    clip.set_exception(error)
+            else:
+                waiting.append((stream_id, window, clip))
+        self._closing = waiting
+
     def _wait_for_preprocessing(self) -> float:
-        """Seconds waited for clips still being preprocessed (none when the finished ones fill a batch)."""
+        """Seconds waited for clips still being preprocessed (none when the finished ones fill a batch, and none
+        without a pool: then nothing finishes while the step waits)."""
+        if self._pool is None:
+            return 0.0
         pending = [p for stream in self.streams.values() for p in stream.ready]
         in_flight = [p.clip for p in pending if not p.done()]
         if not in_flight or len(pending) - len(in_flight) >= self.max_batch_clips:

@@ -89,6 +89,7 @@ def _build_engine(config: SidecarConfig):
         cuda_graphs=config.cuda_graphs,
         respond_policy=make_respond_policy(config.respond_every, config.respond_probability),
         preprocess_on=preprocess_place(config),
+        frame_perception=frame_perception(config),
         # On the host, frames are preprocessed on threads as they arrive (~1 ms of CPU each at 320x240).
         preprocess_workers=config.preprocess_workers,
         fp8=config.quantization == "fp8",
@@ -101,7 +102,15 @@ def preprocess_place(config: SidecarConfig) -> str:
     overlap the CPU's model work."""
     if config.preprocess_on != "auto":
         return config.preprocess_on
-    return "device" if config.device.startswith("cuda") else "host"
+    return "device" if config.device.startswith("cuda") or config.frame_perception == "arrival" else "host"
+
+
+def frame_perception(config: SidecarConfig) -> str:
+    """auto: each frame through the CLIP tower as it arrives wherever the frames are preprocessed on the device
+    (a closing clip is then left with the compact model's pass: docs/benchmarks.md); otherwise at the clip's close."""
+    if config.frame_perception != "auto":
+        return config.frame_perception
+    return "arrival" if preprocess_place(config) == "device" else "clip"
 
 
 class VideoDecoder:

@@ -174,7 +174,7 @@ class SidecarStats:
     batches_total: int
     # Per batched step, since the sidecar started (see SidecarEngine.step):
     batch_clips: HistogramCounts | None = None  # clips in the batch
-    step_seconds: dict[str, HistogramCounts] = field(default_factory=dict)  # phases: preprocess_wait, perceive, decide
+    step_seconds: dict[str, HistogramCounts] = field(default_factory=dict)  # phases: STEP_PHASES in engine.py
     queue_wait_seconds: HistogramCounts | None = None  # per clip: its last frame received -> its batch started
     transit_seconds: HistogramCounts | None = None  # per frame push: received by the server -> taken in by the sidecar
     gc_pause_seconds: dict[str, HistogramCounts] = field(default_factory=dict)  # the sidecar's collections, by generation
