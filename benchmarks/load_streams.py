@@ -143,6 +143,7 @@ class LoadConfig:
     jpeg_quality: int = 85
     api_key: str | None = None  # for a server run with --tenants
     blocking_reaction: bool = False  # the baseline: each session's input held from a trigger to its answer's end
+    keepalive_expiry_s: float = KEEPALIVE_EXPIRY_S  # the client pool keeps an idle connection this long
 
     @property
     def late_after_s(self) -> float:
@@ -517,7 +518,7 @@ async def collect_load(url: str, streams: int, frames: list[EncodedFrame], confi
     if procs > 1:
         return await collect_load_in_procs(url, streams, frames, config, stream, procs)
     limits = httpx.Limits(max_connections=2 * streams + 16, max_keepalive_connections=2 * streams + 16,
-                          keepalive_expiry=KEEPALIVE_EXPIRY_S)
+                          keepalive_expiry=config.keepalive_expiry_s)
     async with httpx.AsyncClient(base_url=url, timeout=30, limits=limits, headers=auth_headers(config.api_key)) as http:
         before, tcp_before = await scrape(http), tcp_counters()
         samples = Samples()
@@ -699,7 +700,7 @@ async def client_streams(pipe, url: str, indices: list[int], count: int, frames:
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, main.cancel)  # streams end their sessions
     watchdog = asyncio.create_task(cancel_when_parent_dies(main))
     limits = httpx.Limits(max_connections=2 * len(indices) + 16, max_keepalive_connections=2 * len(indices) + 16,
-                          keepalive_expiry=KEEPALIVE_EXPIRY_S)
+                          keepalive_expiry=config.keepalive_expiry_s)
     try:
         async with httpx.AsyncClient(base_url=url, timeout=30, limits=limits,
                                      headers=auth_headers(config.api_key)) as http:
@@ -1111,6 +1112,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"spread each run's streams over K client processes (default auto: 1 up to "
                              f"{STREAMS_PER_CLIENT_PROC} streams, else one per {STREAMS_PER_CLIENT_PROC}, at most "
                              "half the cores)")
+    parser.add_argument("--keepalive-expiry", type=float, default=KEEPALIVE_EXPIRY_S, metavar="S",
+                        help=f"close a client connection idle for S s (default {KEEPALIVE_EXPIRY_S:g}; under the "
+                             "server's --keep-alive, so the client closes first; 2 was the default before the "
+                             "tenth session)")
     parser.add_argument("--out", type=Path, help="write the JSON report here")
     return parser
 
@@ -1146,7 +1151,7 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace, server
         parser.error("stream counts must be >= 1")
     for flag, value in (("--duration", args.duration), ("--fps", args.fps), ("--speed", args.speed),
                         ("--drop-after", args.drop_after), ("--drain-timeout", args.drain_timeout),
-                        ("--idle-factor", args.idle_factor)):
+                        ("--idle-factor", args.idle_factor), ("--keepalive-expiry", args.keepalive_expiry)):
         if not value > 0:
             parser.error(f"{flag} must be > 0")
     if args.stagger < 0:
@@ -1280,7 +1285,7 @@ def main(argv: list[str] | None = None) -> None:
                         max_tokens=args.max_tokens, drop_after_s=args.drop_after, drain_timeout_s=args.drain_timeout,
                         growth_tolerance_s=args.growth_tolerance, max_p99_decision_s=args.max_p99_decision,
                         max_p99_ttft_s=args.max_p99_ttft, api_key=args.api_key,
-                        blocking_reaction=args.blocking_reaction)
+                        blocking_reaction=args.blocking_reaction, keepalive_expiry_s=args.keepalive_expiry)
     raise_open_files_limit(max(counts))
     started = time.time()
     server = None

@@ -258,11 +258,12 @@ def test_load_benchmark_merges_client_processes(dispider_server, tmp_path):
     out = tmp_path / "load.json"
     done = run_python("benchmarks/load_streams.py", "--url", dispider_server.url, "--streams", "2",
                       "--client-procs", "2", "--duration", "16", "--speed", "2", "--stagger", "2",
-                      "--max-tokens", "4", "--frame-size", "320x240", "--no-warmup", "--out", str(out))
+                      "--max-tokens", "4", "--frame-size", "320x240", "--no-warmup", "--keepalive-expiry", "5",
+                      "--out", str(out))
     assert done.returncode == 0, done.stdout + done.stderr
     assert "client procs 2" in done.stdout
     report = json.loads(out.read_text())
-    assert report["config"]["client_procs"] == 2
+    assert report["config"]["client_procs"] == 2 and report["config"]["keepalive_expiry_s"] == 5
     (run,) = report["runs"]
     assert run["client_procs"] == 2 and len(run["client_loop_lag_by_proc_s"]) == 2
     assert run["frames"]["sent"] + run["frames"]["dropped"] == 32
@@ -286,6 +287,12 @@ def test_load_benchmark_rates_each_runs_decision_latency_against_the_idle_run():
     assert rated["largest_streams_within_factor_p50"] == 128  # 512 is within, but not real-time
     assert rated["largest_streams_within_factor_p50_p99"] == 64  # 128's p99 is 2x the idle run's
     assert bench.latency_against_idle(runs[1:], 1.5) is None  # no idle run to compare with
+
+
+def test_load_benchmark_refuses_a_keepalive_expiry_of_zero(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        load_benchmark_module().main(["--url", "http://127.0.0.1:9", "--keepalive-expiry", "0"])
+    assert exit_info.value.code == 2 and "--keepalive-expiry must be > 0" in capsys.readouterr().err
 
 
 def test_load_benchmark_client_procs_auto():

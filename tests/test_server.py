@@ -150,6 +150,8 @@ def test_models_health_and_openapi(client, http, dispider_server):
     # What the sidecar runs with: on the CPU nothing is captured as a CUDA graph.
     assert features["device"] == "cpu" and features["cuda_graphs"] == {"perception": False, "decision": False}
     assert features["preprocess_workers"] == 4 and features["kv_slots"] == 16 and features["mps_daemon"] is False
+    # Frames preprocessed on the host (the CPU's default), so the CLIP tower sees them at each clip's close.
+    assert (features["preprocess_on"], features["frame_perception"]) == ("host", "clip")
     # The kept clips: 32 a stream, 40% of the host's memory for all streams; the server says so at start.
     assert features["max_kept_clips"] == 32 and features["kept_clips_budget_bytes"] == default_kept_clips_budget_bytes()
     assert features["kept_clip_bytes"] > 0

@@ -336,14 +336,19 @@ def test_new_question_and_close(modules, part_dir, frames):
     assert engine.handle(PushFrames("a", tuple(frames[:1])))[0].code == "unknown_stream"
 
 
-def test_real_sidecar_process(part_dir, frames, tmp_path):
+@pytest.mark.parametrize("frame_perception", ["auto", "arrival"])
+def test_real_sidecar_process(part_dir, frames, tmp_path, frame_perception):
+    """auto on the CPU: frames preprocessed on host threads, the CLIP tower at each clip's close; arrival: frames
+    preprocessed on the device and through the tower as they come (a GPU sidecar's default), same events."""
     turn_log = tmp_path / "turns.jsonl"
 
     async def scenario():
         client = SidecarClient(SidecarConfig(part_dir=str(part_dir), respond_every=2, threads=1,
-                                             turn_log=str(turn_log)))
+                                             turn_log=str(turn_log), frame_perception=frame_perception))
         ready = await client.start(timeout=300)
         assert ready.device == "cpu"
+        assert (ready.features["preprocess_on"], ready.features["frame_perception"]) == {
+            "auto": ("host", "clip"), "arrival": ("device", "arrival")}[frame_perception]
         queues = {sid: client.subscribe(sid) for sid in ("x", "y")}
         for sid in queues:
             client.send(OpenStream(sid, f"question for {sid}"))
