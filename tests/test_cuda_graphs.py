@@ -260,12 +260,18 @@ def test_perception_falls_back_to_eager_beyond_the_graph_batch():
     torch.testing.assert_close(features[2].memory, want[2].memory, atol=ATOL, rtol=0)
 
 
-# ---- the benchmark, tiny --------------------------------------------------------------------------------------
-def test_graph_bench_tiny_writes_a_well_formed_report(tmp_path):
-    spec = importlib.util.spec_from_file_location("graph_bench", ROOT / "benchmarks" / "graph_bench.py")
+# ---- the benchmarks, tiny -------------------------------------------------------------------------------------
+def load_bench(name: str):
+    """benchmarks/NAME.py as a module (the benchmarks are scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
     bench = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = bench
     spec.loader.exec_module(bench)
+    return bench
+
+
+def test_graph_bench_tiny_writes_a_well_formed_report(tmp_path):
+    bench = load_bench("graph_bench")
     out = tmp_path / "graph.json"
     assert bench.main(["--tiny", "--sizes", "1,2", "--check-sizes", "1,2", "--reps", "2", "--warmup", "1",
                        "--history-clips", "2", "--out", str(out)]) == 0
@@ -290,11 +296,7 @@ def test_graph_bench_tiny_writes_a_well_formed_report(tmp_path):
 
 def test_frame_perception_bench_tiny_writes_a_well_formed_report(tmp_path):
     """benchmarks/frame_perception_bench.py --tiny: both ways agree, every close and frame pass is timed."""
-    spec = importlib.util.spec_from_file_location("frame_perception_bench",
-                                                  ROOT / "benchmarks" / "frame_perception_bench.py")
-    bench = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = bench
-    spec.loader.exec_module(bench)
+    bench = load_bench("frame_perception_bench")
     out = tmp_path / "frames.json"
     assert bench.main(["--tiny", "--sizes", "1,2", "--check-sizes", "1,2", "--frame-batches", "1,4", "--reps", "2",
                        "--warmup", "1", "--out", str(out)]) == 0
