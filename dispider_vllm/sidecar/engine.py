@@ -206,8 +206,8 @@ class SidecarEngine:
             raise ValueError("frame_perception='arrival' takes the frames as they came: it needs preprocess_on='device'")
         self.frame_perception = frame_perception
         self.arrival_policy = arrival_policy or ArrivalPolicy()
-        self._arrived: deque[tuple[float, str, PerceivedFrame]] = deque()  # (monotonic, stream, frame), oldest first
-        self._closing: deque[tuple[str, ClipWindow, Future]] = deque()  # windows waiting for their frames' tokens
+        self._arrived: deque[tuple[float, StreamState, PerceivedFrame]] = deque()  # (monotonic, ...), oldest first
+        self._closing: deque[tuple[StreamState, ClipWindow, Future]] = deque()  # windows waiting for their tokens
         self.frames_perceived_total = 0
         self.modules = modules
         self.preprocessor = preprocessor or PreprocessorConfig()
@@ -332,7 +332,7 @@ class SidecarEngine:
         device preprocesses it; queued for the CLIP tower when the stream's frames go there as they come."""
         if stream.perceives_on_arrival:
             perceived = PerceivedFrame(frame.timestamp, frame.pixels, Future())
-            self._arrived.append((time.monotonic(), stream.stream_id, perceived))
+            self._arrived.append((time.monotonic(), stream, perceived))
             return perceived
         if self.preprocess_on == "device":
             return frame
@@ -344,7 +344,7 @@ class SidecarEngine:
         A window of frames perceived on arrival becomes its Clip in the step that has all their tokens."""
         if stream.perceives_on_arrival:
             clip: Future = Future()
-            self._closing.append((stream.stream_id, window, clip))
+            self._closing.append((stream, window, clip))
             return clip
         return self._run(make_frames_clip if self.preprocess_on == "device" else make_clip, window, self.preprocessor)
 
@@ -420,8 +420,8 @@ class SidecarEngine:
         tokens becomes its Clip. A failed pass fails the clips of its frames (each stream's error)."""
         taken: list[PerceivedFrame] = []
         while self._arrived and len(taken) < self.arrival_policy.max_frames:
-            _, stream_id, frame = self._arrived.popleft()
-            if stream_id in self.streams:
+            _, stream, frame = self._arrived.popleft()
+            if self._is_open(stream):
                 taken.append(frame)
             else:
                 frame.features.cancel()  # its stream was closed: nobody will take it
@@ -441,9 +441,9 @@ class SidecarEngine:
         self._close_perceived_windows()
 
     def _close_perceived_windows(self) -> None:
-        waiting: deque[tuple[str, ClipWindow, Future]] = deque()
-        for stream_id, window, clip in self._closing:
-            if stream_id not in self.streams:
+        waiting: deque[tuple[StreamState, ClipWindow, Future]] = deque()
+        for stream, window, clip in self._closing:
+            if not self._is_open(stream):
                 clip.cancel()
             elif all(frame.features.done() for frame in window.frames):
                 try:
@@ -451,8 +451,12 @@ class SidecarEngine:
                 except Exception as error:  # noqa: BLE001 - the stream's error when the clip's turn comes
                     clip.set_exception(error)
             else:
-                waiting.append((stream_id, window, clip))
+                waiting.append((stream, window, clip))
         self._closing = waiting
+
+    def _is_open(self, stream: StreamState) -> bool:
+        """Still this engine's stream (not closed, nor closed and its id opened again)."""
+        return self.streams.get(stream.stream_id) is stream
 
     def _wait_for_preprocessing(self) -> float:
         """Seconds waited for clips still being preprocessed (none when the finished ones fill a batch, and none
