@@ -18,6 +18,7 @@ runs on the CPU; on a GPU host it is the host-side share.
 
 ``--compare-ring`` runs it twice, in one go: frames' pixels pickled through the sidecar's pipe (the server with
 ``--frame-ring-mb 0``), then through the shared-memory frame ring (the server's default), and reports the ratios.
+``--compare-http`` likewise: uvicorn's pure-Python HTTP parser (``--http h11``), then its C one (``--http httptools``).
 """
 
 from __future__ import annotations
@@ -173,22 +174,30 @@ def run(args, serve_args: list[str]) -> dict:
         return measure(server.url, server.pid, args)
 
 
-def compare_ring(args, serve_args: list[str]) -> dict:
-    """The same push load twice, on two servers one after the other: pipe, then ring."""
-    print("[frame-path] frames through the pipe (--frame-ring-mb 0)", flush=True)
-    pipe = run(args, [*serve_args, "--frame-ring-mb", "0"])
-    print("[frame-path] frames through the shared-memory ring", flush=True)
-    ring = run(args, serve_args)
+# What each comparison runs: (name, server arguments added) for the old way, then the new one.
+COMPARISONS = {
+    "ring": (("pipe", ["--frame-ring-mb", "0"]), ("ring", [])),
+    "http": (("h11", ["--http", "h11"]), ("httptools", ["--http", "httptools"])),
+}
+
+
+def compare(args, serve_args: list[str], comparison: str) -> dict:
+    """The same push load twice, on two servers one after the other: the old way, then the new one."""
+    (old, old_args), (new, new_args) = COMPARISONS[comparison]
+    print(f"[frame-path] {old}: {' '.join(old_args) or 'the defaults'}", flush=True)
+    before = run(args, [*serve_args, *old_args])
+    print(f"[frame-path] {new}: {' '.join(new_args) or 'the defaults'}", flush=True)
+    after = run(args, [*serve_args, *new_args])
 
     def ratio(numerator: float | None, denominator: float | None) -> float | None:
         return round(numerator / denominator, 3) if numerator and denominator else None
 
-    return {"pipe": pipe, "ring": ring, "ratios": {
-        "server_cpu_ms_per_frame_pipe_over_ring": ratio(pipe["cpu_ms_per_frame"].get("server"),
-                                                        ring["cpu_ms_per_frame"].get("server")),
-        "sidecar_cpu_ms_per_frame_pipe_over_ring": ratio(pipe["cpu_ms_per_frame"].get("sidecar"),
-                                                         ring["cpu_ms_per_frame"].get("sidecar")),
-        "frames_per_s_ring_over_pipe": ratio(ring["frames_per_s"], pipe["frames_per_s"]),
+    return {old: before, new: after, "ratios": {
+        f"server_cpu_ms_per_frame_{old}_over_{new}": ratio(before["cpu_ms_per_frame"].get("server"),
+                                                           after["cpu_ms_per_frame"].get("server")),
+        f"sidecar_cpu_ms_per_frame_{old}_over_{new}": ratio(before["cpu_ms_per_frame"].get("sidecar"),
+                                                            after["cpu_ms_per_frame"].get("sidecar")),
+        f"frames_per_s_{new}_over_{old}": ratio(after["frames_per_s"], before["frames_per_s"]),
     }}
 
 
@@ -212,17 +221,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--frame-size", default="320x240", metavar="WxH", help="pushed frame size (default 320x240)")
     parser.add_argument("--url", help="a running server instead of starting one (needs --pid)")
     parser.add_argument("--pid", type=int, help="with --url: the server's process id")
-    parser.add_argument("--compare-ring", action="store_true",
+    parser.add_argument("--compare-ring", action="store_const", dest="compare", const="ring",
                         help="run twice: frames pickled through the sidecar's pipe, then through the frame ring")
+    parser.add_argument("--compare-http", action="store_const", dest="compare", const="http",
+                        help="run twice: the server with uvicorn's h11 parser, then with httptools")
     parser.add_argument("--out", type=Path, help="write the JSON report here")
     args = parser.parse_args(argv)
     if args.url and not args.pid:
         parser.error("--url needs --pid (the server's process, whose CPU time is measured)")
-    if args.url and args.compare_ring:
-        parser.error("--compare-ring starts its own two servers: leave out --url")
+    if args.url and args.compare:
+        parser.error(f"--compare-{args.compare} starts its own two servers: leave out --url")
 
     try:
-        result = compare_ring(args, serve_args) if args.compare_ring else run(args, serve_args)
+        result = compare(args, serve_args, args.compare) if args.compare else run(args, serve_args)
     except psutil.NoSuchProcess:
         parser.error(f"--pid {args.pid}: no such process (the server's process id: /health's placement.server_pid)")
     except (httpx.HTTPError, ServerStartError) as error:
@@ -233,12 +244,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=2) + "\n")
-    for name, single in ((("pipe", result["pipe"]), ("ring", result["ring"])) if args.compare_ring
-                         else (("", result),)):
+    names = [name for name, _ in COMPARISONS[args.compare]] if args.compare else [""]
+    for name in names:
         if name:
             print(f"\n== {name}")
-        print_result(single, args.sessions)
-    if args.compare_ring:
+        print_result(result[name] if name else result, args.sessions)
+    if args.compare:
         print(f"\nratios: {result['ratios']}")
     return 0
 

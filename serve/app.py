@@ -46,7 +46,7 @@ from dispider_vllm.types import Frame
 from serve import chat
 from serve.admission import Admission
 from serve.auth import TenantAuth, install_log_redaction, tenant_of
-from serve.config import ModelParts, ServerConfig
+from serve.config import ModelParts, ServerConfig, frontend_features
 from serve.errors import (
     APIError,
     api_error_handler,
@@ -246,7 +246,8 @@ async def health(request: Request) -> Response:
     body = {"status": status, "sidecar": sidecar, "engine": engine,
             "placement": {**backends.placement.describe(), "server_pid": os.getpid(), "sidecar_pid": backends.sidecar.pid,
                           "frame_ring_mib": backends.sidecar.frame_ring_mib},
-            "sidecar_features": ready.features if ready else None}
+            "sidecar_features": ready.features if ready else None,
+            "frontend": frontend_features(request.app.state.config.http)}
     return JSONResponse(body, status_code=200 if status == "ok" else 503)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 from dataclasses import dataclass
@@ -11,6 +12,17 @@ log = logging.getLogger("dispider.serve")
 
 DEFAULT_MODEL_NAME = "dispider"
 KEPT_CLIPS_HOST_MEMORY_SHARE = 0.4  # the kept clips' default budget: this share of the host's (or container's) memory
+
+
+def installed(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def frontend_features(http: str = "auto") -> dict[str, str]:
+    """The HTTP parser and event loop uvicorn runs with for ``--http`` (its "auto" takes the C ones when installed:
+    httptools and uvloop; otherwise the pure-Python h11 and asyncio's loop)."""
+    parser = ("httptools" if installed("httptools") else "h11") if http == "auto" else http
+    return {"http": parser, "loop": "uvloop" if installed("uvloop") else "asyncio"}
 
 
 @dataclass
@@ -60,6 +72,7 @@ class ServerConfig:
     # An idle HTTP connection stays open this long: a camera pushing a frame a second keeps one connection, and a
     # client's pool (httpx: 5 s) never reuses one the server is closing at that moment. uvicorn's own default is 5.
     keep_alive_s: int = 30
+    http: str = "auto"  # uvicorn's HTTP/1.1 parser: auto (httptools when installed, else h11), httptools, h11
     event_buffer: int = 4096
     blocking_reaction: bool = False  # benchmark baseline: sessions' input waits while they answer
     # tenants and capacity (serve.tenants, serve.quotas, serve.admission)

@@ -133,7 +133,8 @@ def test_engine_and_sidecar_options_reach_the_processes_that_use_them(default_ch
                                                (["--preprocess-on", "gpu"], "invalid choice: 'gpu'"),
                                                (["--frame-perception", "arrival", "--preprocess-on", "host"],
                                                 "does not go with --preprocess-on host"),
-                                               (["--frame-perception", "frame"], "invalid choice: 'frame'")])
+                                               (["--frame-perception", "frame"], "invalid choice: 'frame'"),
+                                               (["--http", "h2"], "invalid choice: 'h2'")])
 def test_bad_sidecar_sizes_are_usage_errors(default_checkpoint, flags, message):
     result = subprocess.run([sys.executable, "-m", "serve", "--checkpoint", str(default_checkpoint.checkpoint_dir),
                              *flags], capture_output=True, text=True, timeout=120)

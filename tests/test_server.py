@@ -23,7 +23,7 @@ from PIL import Image
 from sse_reader import EventReader
 from clients.server_metrics import MetricsSnapshot
 from dispider_vllm.video.synth import make_test_frames, make_test_video
-from serve.config import default_kept_clips_budget_bytes
+from serve.config import default_kept_clips_budget_bytes, installed
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -146,6 +146,8 @@ def test_models_health_and_openapi(client, http, dispider_server):
     health = http.get("/health").json()
     placement = health.pop("placement")
     features = health.pop("sidecar_features")
+    # uvicorn's C parser and loop where installed (httptools is a dependency; uvloop comes with vLLM).
+    assert health.pop("frontend") == {"http": "httptools", "loop": "uvloop" if installed("uvloop") else "asyncio"}
     assert health == {"status": "ok", "sidecar": True, "engine": True}
     # What the sidecar runs with: on the CPU nothing is captured as a CUDA graph.
     assert features["device"] == "cpu" and features["cuda_graphs"] == {"perception": False, "decision": False}
