@@ -174,7 +174,11 @@ def test_frames_perceived_as_they_arrive_give_the_clips_features(modules, max_gr
                for i, size in enumerate(sizes)]
     encoder = PerceptionEncoder(modules, max_graph_clips=max_graph_clips, preprocessor=config)
     frames = [frame for window in windows for frame in window.frames]
-    tokens = encoder.perceive_frames([frame.pixels for frame in frames])
+    interleaved = [index for pair in zip(range(0, 16), range(16, 32)) for index in pair] + list(range(32, 48))
+    shuffled = encoder.perceive_frames([frames[i].pixels for i in interleaved])  # two sizes, alternating
+    tokens = [None] * 48
+    for position, index in enumerate(interleaved):
+        tokens[index] = shuffled[position]
     assert len(tokens) == 48 and all(t.shape == (modules.resolution, modules.raw_dim) for t in tokens)
     assert len({t.untyped_storage().data_ptr() for t in tokens}) == 48  # each frame's tokens own their storage
 

@@ -210,15 +210,21 @@ class PerceptionEncoder:
         (batched over every stream's new frames) so that a closing clip only has its pass left (Clip.features).
         Frames of one size are preprocessed on the device together; frames above 1280x720 on the host."""
         device = self.modules.device
+        # Streams of other frame sizes interleave: one copy and one preprocessing pass per size, not per neighbour.
+        order = sorted(range(len(frames)), key=lambda i: frames[i].shape)
+        ordered = [frames[i] for i in order]
         pixels = torch.empty((len(frames), 3, self.preprocessor.crop_height, self.preprocessor.crop_width),
                              dtype=torch.float32, device=device)
-        for start, end in _same_shape_runs(frames):
-            self._write_frame_pixels(frames[start:end], pixels[start:end])
+        for start, end in _same_shape_runs(ordered):
+            self._write_frame_pixels(ordered[start:end], pixels[start:end])
         with record_function("perception.frames_tower"):
             patches = torch.cat([self.patch_features(pixels[i : i + self.max_frames_per_batch])
                                  for i in range(0, len(frames), self.max_frames_per_batch)])
             merged = merge_neighbours(patches, self.modules.merge_factor)
-        return [tokens.clone() for tokens in merged]  # a view would keep the whole batch alive until its last clip
+        tokens: list[torch.Tensor | None] = [None] * len(frames)
+        for position, index in enumerate(order):
+            tokens[index] = merged[position].clone()  # a view would keep the whole batch alive until its last clip
+        return tokens
 
     def _write_frame_pixels(self, frames: Sequence[np.ndarray], target: torch.Tensor) -> None:
         """Frames of one size -> preprocessed pixels in ``target`` [n, 3, h, w] on the model's device."""
