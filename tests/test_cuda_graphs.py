@@ -270,12 +270,15 @@ def load_bench(name: str):
     return bench
 
 
+def tiny_report(name: str, tmp_path, *flags: str) -> dict:
+    """Run benchmarks/NAME.py --tiny with these flags; its exit status must be 0; its JSON report."""
+    out = tmp_path / f"{name}.json"
+    assert load_bench(name).main(["--tiny", "--reps", "2", "--warmup", "1", *flags, "--out", str(out)]) == 0
+    return json.loads(out.read_text())
+
+
 def test_graph_bench_tiny_writes_a_well_formed_report(tmp_path):
-    bench = load_bench("graph_bench")
-    out = tmp_path / "graph.json"
-    assert bench.main(["--tiny", "--sizes", "1,2", "--check-sizes", "1,2", "--reps", "2", "--warmup", "1",
-                       "--history-clips", "2", "--out", str(out)]) == 0
-    report = json.loads(out.read_text())
+    report = tiny_report("graph_bench", tmp_path, "--sizes", "1,2", "--check-sizes", "1,2", "--history-clips", "2")
     assert report["benchmark"] == "cuda_graphs" and report["shapes"] == "tiny"
     assert {"name", "torch", "vllm"} <= set(report["device"])
     assert report["errors"] == []
@@ -296,11 +299,8 @@ def test_graph_bench_tiny_writes_a_well_formed_report(tmp_path):
 
 def test_frame_perception_bench_tiny_writes_a_well_formed_report(tmp_path):
     """benchmarks/frame_perception_bench.py --tiny: both ways agree, every close and frame pass is timed."""
-    bench = load_bench("frame_perception_bench")
-    out = tmp_path / "frames.json"
-    assert bench.main(["--tiny", "--sizes", "1,2", "--check-sizes", "1,2", "--frame-batches", "1,4", "--reps", "2",
-                       "--warmup", "1", "--out", str(out)]) == 0
-    report = json.loads(out.read_text())
+    report = tiny_report("frame_perception_bench", tmp_path, "--sizes", "1,2", "--check-sizes", "1,2",
+                         "--frame-batches", "1,4")
     assert report["benchmark"] == "frame_perception" and report["ok"] and report["errors"] == []
     assert [c["clips"] for c in report["correctness"]] == [1, 2]
     for check in report["correctness"]:
