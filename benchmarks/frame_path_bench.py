@@ -19,6 +19,8 @@ runs on the CPU; on a GPU host it is the host-side share.
 ``--compare-ring`` runs it twice, in one go: frames' pixels pickled through the sidecar's pipe (the server with
 ``--frame-ring-mb 0``), then through the shared-memory frame ring (the server's default), and reports the ratios.
 ``--compare-http`` likewise: uvicorn's pure-Python HTTP parser (``--http h11``), then its C one (``--http httptools``).
+``--compare-access-log``: an access-log line for every request (``--access-log all``), then for every request but
+the accepted frame pushes (``except-frames``, the default).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import asyncio
 import json
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -167,7 +170,7 @@ def run(args, serve_args: list[str]) -> dict:
     """Measure against ``--url``, or against a server started here with ``serve_args``."""
     if args.url:
         return measure(args.url, args.pid, args)
-    log = Path(args.out.parent if args.out else "/tmp") / "frame_path_server.log"
+    log = Path(tempfile.gettempdir()) / "frame_path_server.log"  # not next to --out: results/ is committed
     with LocalServer(serve_args, log) as server:
         print(f"[frame-path] starting the server (log: {log})", flush=True)
         server.wait_healthy(900)
@@ -178,6 +181,7 @@ def run(args, serve_args: list[str]) -> dict:
 COMPARISONS = {
     "ring": (("pipe", ["--frame-ring-mb", "0"]), ("ring", [])),
     "http": (("h11", ["--http", "h11"]), ("httptools", ["--http", "httptools"])),
+    "access-log": (("all", ["--access-log", "all"]), ("except-frames", ["--access-log", "except-frames"])),
 }
 
 
@@ -225,6 +229,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="run twice: frames pickled through the sidecar's pipe, then through the frame ring")
     parser.add_argument("--compare-http", action="store_const", dest="compare", const="http",
                         help="run twice: the server with uvicorn's h11 parser, then with httptools")
+    parser.add_argument("--compare-access-log", action="store_const", dest="compare", const="access-log",
+                        help="run twice: the server writing an access-log line per pushed frame, then not")
     parser.add_argument("--out", type=Path, help="write the JSON report here")
     args = parser.parse_args(argv)
     if args.url and not args.pid:

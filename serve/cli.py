@@ -17,6 +17,7 @@ from serve.config import (
     installed,
     resolve_model_parts,
 )
+from serve.access_log import ACCESS_LOG_MODES, filter_access_log
 from serve.placement import PlacementError, host_placement
 
 DESCRIPTION = """\
@@ -187,6 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
                           help="HTTP/1.1 parser: httptools (C; the server's CPU per pushed frame 2.0 ms against "
                                "2.5 ms with h11 on a 2-core CPU host, docs/benchmarks.md) or h11 (pure Python). "
                                "Default auto: httptools when installed (a dependency of this package), else h11")
+    requests.add_argument("--access-log", choices=list(ACCESS_LOG_MODES), default=defaults.access_log,
+                          help="uvicorn's line per request: all, except-frames (every request but accepted frame "
+                               "pushes, a line a second per camera otherwise) or off (default except-frames)")
     requests.add_argument("--event-buffer", type=int, default=defaults.event_buffer, metavar="N",
                           help="events kept per session for readers that connect late "
                                f"(default {defaults.event_buffer})")
@@ -230,7 +234,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         default_max_tokens=args.default_max_tokens, max_upload_mb=args.max_upload_mb,
         allowed_local_media_path=args.allowed_local_media_path, media_fetch_timeout_s=args.media_fetch_timeout,
         max_sessions=args.max_sessions, session_idle_timeout_s=args.session_idle_timeout,
-        keep_alive_s=args.keep_alive, http=args.http,
+        keep_alive_s=args.keep_alive, http=args.http, access_log=args.access_log,
         event_buffer=args.event_buffer, blocking_reaction=args.blocking_reaction,
         scheduling_policy=args.scheduling_policy, reaction_mps_priority=args.reaction_mps_priority,
         tenants_file=args.tenants,
@@ -319,11 +323,14 @@ def main(argv: list[str] | None = None) -> None:
 
     app = build_app(config, make_backends(config, parts))
     log.info("HTTP: %s", ", ".join(f"{k} {v}" for k, v in frontend_features(config.http).items()))
-    uvicorn.run(
+    server = uvicorn.Config(
         app, host=config.host, port=config.port, log_level=config.log_level,
         ws_max_size=config.max_upload_bytes * 4 // 3 + 4096,  # a frame message: a base64 image and a little JSON
         timeout_graceful_shutdown=10, timeout_keep_alive=config.keep_alive_s, http=config.http,
-    )
+        access_log=config.access_log != "off",
+    )  # uvicorn sets its loggers up here: the access log's filter goes on after
+    filter_access_log(config.access_log)
+    uvicorn.Server(server).run()
 
 
 if __name__ == "__main__":

@@ -73,6 +73,7 @@ class ServerConfig:
     # client's pool (httpx: 5 s) never reuses one the server is closing at that moment. uvicorn's own default is 5.
     keep_alive_s: int = 30
     http: str = "auto"  # uvicorn's HTTP/1.1 parser: auto (httptools when installed, else h11), httptools, h11
+    access_log: str = "except-frames"  # uvicorn's line per request: all, except-frames (accepted pushes), off
     event_buffer: int = 4096
     blocking_reaction: bool = False  # benchmark baseline: sessions' input waits while they answer
     # tenants and capacity (serve.tenants, serve.quotas, serve.admission)

@@ -464,6 +464,38 @@ def test_bad_session_requests(http, videos):
     assert_error(http.delete(f"/v1/sessions/{session['id']}"), 404, "session_not_found")
 
 
+def test_access_log_keeps_refused_pushes_and_drops_accepted_ones(http, dispider_server):
+    """The default ``--access-log except-frames``: a line per request except for accepted frame pushes."""
+    session = http.post("/v1/sessions", json={"question": QUESTION}).json()
+    frames = f"/v1/sessions/{session['id']}/frames"
+    pixels = make_test_frames(seconds=1, fps=1, seed=3)[0].pixels
+    assert http.post(frames + "?timestamp=0", content=jpeg(pixels), headers={"content-type": "image/jpeg"}).status_code == 202
+    assert_error(http.post(frames + "?timestamp=1", content=b"\xff\xd8 broken", headers={"content-type": "image/jpeg"}),
+                 400, "invalid_image")
+    assert http.delete(f"/v1/sessions/{session['id']}").status_code == 200
+    deadline = time.monotonic() + 10
+    while True:
+        lines = [line for line in dispider_server.log_file.read_text(errors="replace").splitlines()
+                 if session["id"] in line and '"' in line]  # uvicorn's access lines quote the request line
+        if any("DELETE" in line for line in lines) or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    pushes = [line for line in lines if f"POST {frames}" in line]
+    assert len(pushes) == 1 and "timestamp=1" in pushes[0] and '" 400' in pushes[0], lines
+    assert any(f"DELETE /v1/sessions/{session['id']} " in line and '" 200' in line for line in lines), lines
+
+
+def test_access_log_filter_reads_uvicorns_record():
+    from serve.access_log import is_accepted_frame_push
+
+    push = ("127.0.0.1:1", "POST", "/v1/sessions/sess-a/frames?timestamp=3", "1.1")
+    assert is_accepted_frame_push((*push, 202))
+    assert not is_accepted_frame_push((*push, 400))
+    assert not is_accepted_frame_push(("127.0.0.1:1", "GET", "/v1/sessions/sess-a/frames", "1.1", 200))
+    assert not is_accepted_frame_push(("127.0.0.1:1", "POST", "/v1/sessions", "1.1", 201))
+    assert not is_accepted_frame_push(("an unexpected record",))
+
+
 def _error_count(http, code: str) -> float:
     prefix = f'dispider_errors_total{{code="{code}"}} '
     return next((float(line[len(prefix):]) for line in http.get("/metrics").text.splitlines()
