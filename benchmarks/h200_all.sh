@@ -24,7 +24,8 @@
 # Each step writes its JSON into the results folder as soon as it ends, so a run cut short keeps what finished.
 # Stream counts and durations: OURS_N, MPS_N, BLOCKING_N, PLAIN_N, DURATION (ours, mps), BASE_DURATION (the others);
 # MPS_SERVER_ARGS: more server options for the mps step (e.g. --reaction-mps-priority normal), MPS_OUT its report's
-# name (default streams_mps_h200.json), SAMPLE_HOST=1 samples the GPU's and the host's use during its sweep (nvidia-smi
+# name (default streams_mps_h200.json), MPS_LOAD_ARGS more load_streams.py options (e.g. --client-pool shared),
+# SAMPLE_HOST=1 samples the GPU's and the host's use during its sweep (nvidia-smi
 # dmon, vmstat, top, into samples_mps/ with host_samples.py's summary.json);
 # MAX_TOKENS (answer length of ours and blocking, default 32).
 set -uo pipefail
@@ -117,7 +118,7 @@ if wants mps; then
         top -b -d 10 -w 200 > "$RESULTS/top_mps.txt" 2>&1 & samplers+=($!)
       fi
       # shellcheck disable=SC2086
-      sweep "$RESULTS/${MPS_OUT:-streams_mps_h200.json}" "${DURATION:-96}" --max-tokens "${MAX_TOKENS:-32}" --sweep ${MPS_N:-1 256 384 448 512}
+      sweep "$RESULTS/${MPS_OUT:-streams_mps_h200.json}" "${DURATION:-96}" --max-tokens "${MAX_TOKENS:-32}" ${MPS_LOAD_ARGS:-} --sweep ${MPS_N:-1 256 384 448 512}
       if [[ ${#samplers[@]} -gt 0 ]]; then
         kill "${samplers[@]}" 2> /dev/null || true
         mkdir -p "$RESULTS/samples_mps"

@@ -43,6 +43,8 @@ One client process cannot push 256 streams in real time (its event loop lags and
 event loop and HTTP client; ``auto`` (the default) is 1 up to 64 streams, else one per 64 streams, at most half
 the cores. Every stream keeps its start (stream i at i * stagger / N) from one time origin that all processes
 share; this process samples the server, the GPU and /metrics, and merges the streams' logs before the statistics.
+Each stream talks through an HTTP client of its own (``--client-pool per-stream``: two connections, as a camera
+would have); ``--client-pool shared`` gives the streams of a client process one connection pool instead.
 ``client_loop_lag_s`` is the worst client process's (``client_loop_lag_by_proc_s``: each one's); a p99 over
 0.25 s is noted in the verdict: use more client processes.
 """
@@ -51,6 +53,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import functools
 import json
 import math
 import multiprocessing
@@ -60,6 +64,7 @@ import platform
 import resource
 import shutil
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -105,6 +110,7 @@ REPORT_VERSION = 1
 STREAMS_PER_CLIENT_PROC = 64  # --client-procs auto: one client process per this many streams
 CLIENT_START_TIMEOUT_S = 120.0  # a client process imports and reports ready within this
 CLIENT_START_MARGIN_S = 0.5  # the common time origin lies this far after the "start" message is sent
+CLIENT_POOLS = ("per-stream", "shared")
 # Forget idle connections well before the server's keep-alive timeout (dispider-serve --keep-alive, 30 s): reusing
 # one the server is closing at that moment fails the request with a ReadError (seen once among 128 streams on the
 # H200 against uvicorn's 5 s). Long enough that the pool keeps the connections a burst of pushes opened instead of
@@ -144,6 +150,7 @@ class LoadConfig:
     api_key: str | None = None  # for a server run with --tenants
     blocking_reaction: bool = False  # the baseline: each session's input held from a trigger to its answer's end
     keepalive_expiry_s: float = KEEPALIVE_EXPIRY_S  # the client pool keeps an idle connection this long
+    client_pool: str = "per-stream"  # CLIENT_POOLS: each stream's own connections, or one pool per client process
 
     @property
     def late_after_s(self) -> float:
@@ -208,6 +215,34 @@ async def run_stream(index: int, count: int, http: httpx.AsyncClient, url: str, 
                      config: LoadConfig, run_start: float) -> StreamLog:
     log = StreamLog(index)
     await asyncio.sleep(config.stagger_s * index / max(count, 1) / config.speed)
+    async with stream_client(http, config) as own:
+        return await stream_session(own, url, frames, config, run_start, log)
+
+
+@contextlib.asynccontextmanager
+async def stream_client(shared: httpx.AsyncClient, config: LoadConfig):
+    """The HTTP client one stream talks through. ``per-stream``: a client of its own with two connections, one
+    for its event stream and one for its pushes, as a camera of its own would have; ``shared``: the client
+    process's one pool, shared by all of its streams (the only mode before the thirteenth session)."""
+    if config.client_pool == "shared":
+        yield shared
+        return
+    limits = httpx.Limits(max_connections=2, max_keepalive_connections=2, keepalive_expiry=config.keepalive_expiry_s)
+    async with httpx.AsyncClient(base_url=shared.base_url, timeout=shared.timeout, headers=shared.headers,
+                                 limits=limits, verify=shared_ssl_context()) as own:
+        yield own
+
+
+@functools.cache
+def shared_ssl_context() -> ssl.SSLContext:
+    """One TLS context for every per-stream client of a process: building one loads the CA bundle (milliseconds,
+    and memory), which hundreds of streams need not do each."""
+    return httpx.create_ssl_context()
+
+
+async def stream_session(http: httpx.AsyncClient, url: str, frames: list[EncodedFrame], config: LoadConfig,
+                         run_start: float, log: StreamLog) -> StreamLog:
+    """Open a session, read its events while pushing the frames at pace, end it, wait for its last answers."""
     session = await open_logged(http, url, config, log)
     if session is None:
         return log
@@ -1116,6 +1151,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"close a client connection idle for S s (default {KEEPALIVE_EXPIRY_S:g}; under the "
                              "server's --keep-alive, so the client closes first; 2 was the default before the "
                              "tenth session)")
+    parser.add_argument("--client-pool", choices=CLIENT_POOLS, default="per-stream",
+                        help="per-stream (default): each stream has an HTTP client of its own, one connection for "
+                             "its events and one for its pushes, as separate cameras would; shared: the streams of "
+                             "a client process share one connection pool (the only mode before the thirteenth "
+                             "session)")
     parser.add_argument("--out", type=Path, help="write the JSON report here")
     return parser
 
@@ -1285,7 +1325,8 @@ def main(argv: list[str] | None = None) -> None:
                         max_tokens=args.max_tokens, drop_after_s=args.drop_after, drain_timeout_s=args.drain_timeout,
                         growth_tolerance_s=args.growth_tolerance, max_p99_decision_s=args.max_p99_decision,
                         max_p99_ttft_s=args.max_p99_ttft, api_key=args.api_key,
-                        blocking_reaction=args.blocking_reaction, keepalive_expiry_s=args.keepalive_expiry)
+                        blocking_reaction=args.blocking_reaction, keepalive_expiry_s=args.keepalive_expiry,
+                        client_pool=args.client_pool)
     raise_open_files_limit(max(counts))
     started = time.time()
     server = None

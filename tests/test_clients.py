@@ -190,6 +190,7 @@ def test_load_benchmark_report_is_well_formed(dispider_server, tmp_path):
     assert done.returncode == 0, done.stdout + done.stderr
     report = json.loads(out.read_text())
     assert {"benchmark", "version", "config", "server", "environment", "runs"} <= set(report)
+    assert report["config"]["client_pool"] == "per-stream"  # each stream on connections of its own
     (run,) = report["runs"]
     assert {"streams", "wall_s", "frames", "decisions", "responses", "errors", "server_backlog", "server_metrics",
             "gpu_memory", "client_loop_lag_s", "realtime"} <= set(run)
@@ -254,16 +255,18 @@ def test_load_benchmark_report_is_well_formed(dispider_server, tmp_path):
 
 @pytest.mark.timeout(300)
 def test_load_benchmark_merges_client_processes(dispider_server, tmp_path):
-    """--client-procs 2: each stream in its own spawned client process, the logs merged into one report."""
+    """--client-procs 2: each stream in its own spawned client process, the logs merged into one report; the
+    streams of a process share one connection pool (--client-pool shared)."""
     out = tmp_path / "load.json"
     done = run_python("benchmarks/load_streams.py", "--url", dispider_server.url, "--streams", "2",
                       "--client-procs", "2", "--duration", "16", "--speed", "2", "--stagger", "2",
                       "--max-tokens", "4", "--frame-size", "320x240", "--no-warmup", "--keepalive-expiry", "5",
-                      "--out", str(out))
+                      "--client-pool", "shared", "--out", str(out))
     assert done.returncode == 0, done.stdout + done.stderr
     assert "client procs 2" in done.stdout
     report = json.loads(out.read_text())
     assert report["config"]["client_procs"] == 2 and report["config"]["keepalive_expiry_s"] == 5
+    assert report["config"]["client_pool"] == "shared"
     (run,) = report["runs"]
     assert run["client_procs"] == 2 and len(run["client_loop_lag_by_proc_s"]) == 2
     assert run["frames"]["sent"] + run["frames"]["dropped"] == 32
