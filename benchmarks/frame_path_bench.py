@@ -20,7 +20,9 @@ runs on the CPU; on a GPU host it is the host-side share.
 ``--frame-ring-mb 0``), then through the shared-memory frame ring (the server's default), and reports the ratios.
 ``--compare-http`` likewise: uvicorn's pure-Python HTTP parser (``--http h11``), then its C one (``--http httptools``).
 ``--compare-access-log``: an access-log line for every request (``--access-log all``), then for every request but
-the accepted frame pushes (``except-frames``, the default).
+the accepted frame pushes (``except-frames``, the default). ``--compare-switch-interval``: Python's GIL switch
+interval (5 ms), then ``--switch-interval 1``; ``decode_s`` (from /metrics) is a push's wait for a decode thread
+and its decoding.
 """
 
 from __future__ import annotations
@@ -118,10 +120,20 @@ def frames_sent_by_way(url: str) -> dict[str, float]:
 
 def transit_quantiles(url: str) -> dict[str, float | None]:
     """Frames' transit to the sidecar (the server's receipt -> the sidecar's intake): bucket bounds of p50/p99."""
+    return histogram_quantiles(url, "dispider_sidecar_transit_seconds")
+
+
+def decode_quantiles(url: str) -> dict[str, float | None]:
+    """A push's decode phase in the server (waiting for a worker thread and decoding): bucket bounds of p50/p99."""
+    return histogram_quantiles(url, "dispider_frame_push_seconds", phase="decode")
+
+
+def histogram_quantiles(url: str, family_name: str, **labels: str) -> dict[str, float | None]:
+    """The bucket bounds that hold the p50 and p99 of one of the server's histograms (with these labels)."""
     text = httpx.get(url + "/metrics", timeout=10).text
     buckets = [(float(sample.labels["le"]), sample.value) for family in text_string_to_metric_families(text)
-               if family.name == "dispider_sidecar_transit_seconds" for sample in family.samples
-               if sample.name.endswith("_bucket")]
+               if family.name == family_name for sample in family.samples
+               if sample.name.endswith("_bucket") and labels.items() <= sample.labels.items()]
     total = buckets[-1][1] if buckets else 0
     return {name: next((bound for bound, count in buckets if count >= q * total), None) if total else None
             for name, q in (("p50_le", 0.5), ("p99_le", 0.99))}
@@ -152,6 +164,7 @@ def measure(url: str, pid: int, args) -> dict:
         "streams_per_server_core": 1000 / server_ms if server_ms > 0 else None,
         "frames_sent_by_way": frames_sent_by_way(url),
         "transit_s": transit_quantiles(url),
+        "decode_s": decode_quantiles(url),
     }
 
 
@@ -182,6 +195,7 @@ COMPARISONS = {
     "ring": (("pipe", ["--frame-ring-mb", "0"]), ("ring", [])),
     "http": (("h11", ["--http", "h11"]), ("httptools", ["--http", "httptools"])),
     "access-log": (("all", ["--access-log", "all"]), ("except-frames", ["--access-log", "except-frames"])),
+    "switch-interval": (("5ms", []), ("1ms", ["--switch-interval", "1"])),
 }
 
 
@@ -208,7 +222,8 @@ def compare(args, serve_args: list[str], comparison: str) -> dict:
 def print_result(result: dict, sessions: int) -> None:
     print(f"\n{result['frames']} frames in {result['seconds']:.1f} s ({result['frames_per_s']:.1f}/s) from "
           f"{sessions} sessions; push RTT p50 {result['push_rtt_s']['p50'] * 1000:.1f} ms; frames sent by way "
-          f"{result['frames_sent_by_way']}; transit to the sidecar {result['transit_s']}")
+          f"{result['frames_sent_by_way']}; transit to the sidecar {result['transit_s']}; "
+          f"decode {result['decode_s']}")
     for role, ms in sorted(result["cpu_ms_per_frame"].items(), key=lambda item: -item[1]):
         print(f"  {role:28} {ms:8.2f} CPU ms per frame")
     if result["streams_per_server_core"]:
@@ -231,6 +246,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="run twice: the server with uvicorn's h11 parser, then with httptools")
     parser.add_argument("--compare-access-log", action="store_const", dest="compare", const="access-log",
                         help="run twice: the server writing an access-log line per pushed frame, then not")
+    parser.add_argument("--compare-switch-interval", action="store_const", dest="compare", const="switch-interval",
+                        help="run twice: the server's process with Python's GIL switch interval (5 ms), then 1 ms")
     parser.add_argument("--out", type=Path, help="write the JSON report here")
     args = parser.parse_args(argv)
     if args.url and not args.pid:

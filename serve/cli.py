@@ -191,6 +191,12 @@ def build_parser() -> argparse.ArgumentParser:
     requests.add_argument("--access-log", choices=list(ACCESS_LOG_MODES), default=defaults.access_log,
                           help="uvicorn's line per request: all, except-frames (every request but accepted frame "
                                "pushes, a line a second per camera otherwise) or off (default except-frames)")
+    requests.add_argument("--switch-interval", type=float, default=defaults.switch_interval_ms, metavar="MS",
+                          help="how long one thread of the server's process may hold Python's GIL while another "
+                               "waits for it (sys.setswitchinterval; default Python's own, 5 ms). Each pushed frame "
+                               "is decoded on a worker thread, which waits for the GIL at every hand-off while the "
+                               "event loop is busy: a shorter interval shortens that wait under load "
+                               "(docs/benchmarks.md)")
     requests.add_argument("--event-buffer", type=int, default=defaults.event_buffer, metavar="N",
                           help="events kept per session for readers that connect late "
                                f"(default {defaults.event_buffer})")
@@ -235,6 +241,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         allowed_local_media_path=args.allowed_local_media_path, media_fetch_timeout_s=args.media_fetch_timeout,
         max_sessions=args.max_sessions, session_idle_timeout_s=args.session_idle_timeout,
         keep_alive_s=args.keep_alive, http=args.http, access_log=args.access_log,
+        switch_interval_ms=args.switch_interval,
         event_buffer=args.event_buffer, blocking_reaction=args.blocking_reaction,
         scheduling_policy=args.scheduling_policy, reaction_mps_priority=args.reaction_mps_priority,
         tenants_file=args.tenants,
@@ -274,6 +281,9 @@ def _check(parser: argparse.ArgumentParser, config: ServerConfig) -> str:
     if config.frame_perception == "arrival" and config.preprocess_on == "host":
         parser.error("--frame-perception arrival takes frames as they came, for the GPU to preprocess: "
                      "it does not go with --preprocess-on host")
+    interval = config.switch_interval_ms
+    if interval is not None and not (math.isfinite(interval) and 0.01 <= interval <= 1000):
+        parser.error(f"--switch-interval must be between 0.01 and 1000 ms, not {interval:g}")
     if config.http == "httptools" and not installed("httptools"):
         parser.error("--http httptools: the httptools package is not installed (pip install httptools)")
     if config.respond_probability is not None and not 0 <= config.respond_probability <= 1:
@@ -321,6 +331,8 @@ def main(argv: list[str] | None = None) -> None:
 
     from serve.app import build_app, make_backends
 
+    if config.switch_interval_ms is not None:  # before the models' threads start, so that all of them see it
+        sys.setswitchinterval(config.switch_interval_ms / 1000)
     app = build_app(config, make_backends(config, parts))
     log.info("HTTP: %s", ", ".join(f"{k} {v}" for k, v in frontend_features(config.http).items()))
     server = uvicorn.Config(

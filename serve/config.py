@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,11 +19,13 @@ def installed(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
-def frontend_features(http: str = "auto") -> dict[str, str]:
+def frontend_features(http: str = "auto") -> dict[str, str | float]:
     """The HTTP parser and event loop uvicorn runs with for ``--http`` (its "auto" takes the C ones when installed:
-    httptools and uvloop; otherwise the pure-Python h11 and asyncio's loop)."""
+    httptools and uvloop; otherwise the pure-Python h11 and asyncio's loop), and this process's GIL switch
+    interval (``--switch-interval``)."""
     parser = ("httptools" if installed("httptools") else "h11") if http == "auto" else http
-    return {"http": parser, "loop": "uvloop" if installed("uvloop") else "asyncio"}
+    return {"http": parser, "loop": "uvloop" if installed("uvloop") else "asyncio",
+            "switch_interval_ms": round(sys.getswitchinterval() * 1000, 3)}
 
 
 @dataclass
@@ -74,6 +77,7 @@ class ServerConfig:
     keep_alive_s: int = 30
     http: str = "auto"  # uvicorn's HTTP/1.1 parser: auto (httptools when installed, else h11), httptools, h11
     access_log: str = "except-frames"  # uvicorn's line per request: all, except-frames (accepted pushes), off
+    switch_interval_ms: float | None = None  # sys.setswitchinterval for the server's process; None: Python's 5 ms
     event_buffer: int = 4096
     blocking_reaction: bool = False  # benchmark baseline: sessions' input waits while they answer
     # tenants and capacity (serve.tenants, serve.quotas, serve.admission)

@@ -79,6 +79,7 @@ def launch_server(checkpoint, workdir: Path, extra_args: Sequence[str] = (), *, 
         "--allowed-local-media-path", str(media_dir),
         "--max-model-len", "8192",
         "--sidecar-turn-log", str(handle.turn_log),
+        "--switch-interval", "2",  # /health reports what the process runs with
         *extra_args,
     ]
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "PYTHONUNBUFFERED": "1"}

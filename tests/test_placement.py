@@ -125,6 +125,7 @@ def test_engine_and_sidecar_options_reach_the_processes_that_use_them(default_ch
                                                (["--sidecar-kv-slots", "0"], "--sidecar-kv-slots must be >= 1"),
                                                (["--max-kept-clips", "0"], "--max-kept-clips must be >= 1"),
                                                (["--keep-alive", "0"], "--keep-alive must be >= 1"),
+                                               (["--switch-interval", "0"], "--switch-interval must be between"),
                                                (["--kept-clips-memory-gib", "0"], "--kept-clips-memory-gib must be > 0"),
                                                (["--kept-clips-memory-gib", "-2"], "must be > 0"),
                                                (["--sidecar-turn-log", "/"], "--sidecar-turn-log /: is a directory"),

@@ -147,7 +147,9 @@ def test_models_health_and_openapi(client, http, dispider_server):
     placement = health.pop("placement")
     features = health.pop("sidecar_features")
     # uvicorn's C parser and loop where installed (httptools is a dependency; uvloop comes with vLLM).
-    assert health.pop("frontend") == {"http": "httptools", "loop": "uvloop" if installed("uvloop") else "asyncio"}
+    # --switch-interval 2 (conftest) reached the server's process.
+    assert health.pop("frontend") == {"http": "httptools", "loop": "uvloop" if installed("uvloop") else "asyncio",
+                                      "switch_interval_ms": 2.0}
     assert health == {"status": "ok", "sidecar": True, "engine": True}
     # What the sidecar runs with: on the CPU nothing is captured as a CUDA graph.
     assert features["device"] == "cpu" and features["cuda_graphs"] == {"perception": False, "decision": False}
