@@ -195,8 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
                           help="how long one thread of the server's process may hold Python's GIL while another "
                                "waits for it (sys.setswitchinterval; default Python's own, 5 ms). Each pushed frame "
                                "is decoded on a worker thread, which waits for the GIL at every hand-off while the "
-                               "event loop is busy: a shorter interval shortens that wait under load "
-                               "(docs/benchmarks.md)")
+                               "event loop is busy; but 1 ms doubled a push's time in the server at 704 streams on "
+                               "an H200 (docs/benchmarks.md): for measurements, not tuning")
     requests.add_argument("--event-buffer", type=int, default=defaults.event_buffer, metavar="N",
                           help="events kept per session for readers that connect late "
                                f"(default {defaults.event_buffer})")
@@ -331,7 +331,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from serve.app import build_app, make_backends
 
-    if config.switch_interval_ms is not None:  # before the models' threads start, so that all of them see it
+    if config.switch_interval_ms is not None:  # process-wide; the sidecar and vLLM's engine core keep their own
         sys.setswitchinterval(config.switch_interval_ms / 1000)
     app = build_app(config, make_backends(config, parts))
     log.info("HTTP: %s", ", ".join(f"{k} {v}" for k, v in frontend_features(config.http).items()))
