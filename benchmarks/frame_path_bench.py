@@ -22,7 +22,9 @@ runs on the CPU; on a GPU host it is the host-side share.
 ``--compare-access-log``: an access-log line for every request (``--access-log all``), then for every request but
 the accepted frame pushes (``except-frames``, the default). ``--compare-switch-interval``: Python's GIL switch
 interval (5 ms), then ``--switch-interval 1``; ``decode_s`` (from /metrics) is a push's wait for a decode thread
-and its decoding.
+and its decoding. ``--compare-frame-decoding``: images decoded on the server's threads (``--decode-frames-in
+server``), then in the sidecar's process (``sidecar``, the default: the server reads their headers only;
+``sidecar_decode_s`` is the decoding there).
 """
 
 from __future__ import annotations
@@ -124,8 +126,14 @@ def transit_quantiles(url: str) -> dict[str, float | None]:
 
 
 def decode_quantiles(url: str) -> dict[str, float | None]:
-    """A push's decode phase in the server (waiting for a worker thread and decoding): bucket bounds of p50/p99."""
+    """A push's decode phase in the server (waiting for a worker thread and decoding; with ``--decode-frames-in
+    sidecar``, reading the image's header): bucket bounds of p50/p99."""
     return histogram_quantiles(url, "dispider_frame_push_seconds", phase="decode")
+
+
+def sidecar_decode_quantiles(url: str) -> dict[str, float | None]:
+    """Decoding a batch of pushed images in the sidecar's intake (``--decode-frames-in sidecar``): p50/p99 bounds."""
+    return histogram_quantiles(url, "dispider_sidecar_frame_decode_seconds")
 
 
 def histogram_quantiles(url: str, family_name: str, **labels: str) -> dict[str, float | None]:
@@ -165,6 +173,7 @@ def measure(url: str, pid: int, args) -> dict:
         "frames_sent_by_way": frames_sent_by_way(url),
         "transit_s": transit_quantiles(url),
         "decode_s": decode_quantiles(url),
+        "sidecar_decode_s": sidecar_decode_quantiles(url),
     }
 
 
@@ -196,6 +205,7 @@ COMPARISONS = {
     "http": (("h11", ["--http", "h11"]), ("httptools", ["--http", "httptools"])),
     "access-log": (("all", ["--access-log", "all"]), ("except-frames", ["--access-log", "except-frames"])),
     "switch-interval": (("5ms", []), ("1ms", ["--switch-interval", "1"])),
+    "frame-decoding": (("server", ["--decode-frames-in", "server"]), ("sidecar", ["--decode-frames-in", "sidecar"])),
 }
 
 
@@ -223,7 +233,7 @@ def print_result(result: dict, sessions: int) -> None:
     print(f"\n{result['frames']} frames in {result['seconds']:.1f} s ({result['frames_per_s']:.1f}/s) from "
           f"{sessions} sessions; push RTT p50 {result['push_rtt_s']['p50'] * 1000:.1f} ms; frames sent by way "
           f"{result['frames_sent_by_way']}; transit to the sidecar {result['transit_s']}; "
-          f"decode {result['decode_s']}")
+          f"decode {result['decode_s']}; in the sidecar {result['sidecar_decode_s']}")
     for role, ms in sorted(result["cpu_ms_per_frame"].items(), key=lambda item: -item[1]):
         print(f"  {role:28} {ms:8.2f} CPU ms per frame")
     if result["streams_per_server_core"]:
@@ -248,6 +258,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="run twice: the server writing an access-log line per pushed frame, then not")
     parser.add_argument("--compare-switch-interval", action="store_const", dest="compare", const="switch-interval",
                         help="run twice: the server's process with Python's GIL switch interval (5 ms), then 1 ms")
+    parser.add_argument("--compare-frame-decoding", action="store_const", dest="compare", const="frame-decoding",
+                        help="run twice: pushed images decoded on the server's threads, then in the sidecar's process")
     parser.add_argument("--out", type=Path, help="write the JSON report here")
     args = parser.parse_args(argv)
     if args.url and not args.pid:

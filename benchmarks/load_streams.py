@@ -122,6 +122,7 @@ SIDECAR_BATCH_CLIPS = "dispider_sidecar_batch_clips"
 SIDECAR_STEP_SECONDS = "dispider_sidecar_step_seconds"
 SIDECAR_QUEUE_WAIT = "dispider_sidecar_queue_wait_seconds"
 SIDECAR_TRANSIT = "dispider_sidecar_transit_seconds"
+SIDECAR_FRAME_DECODE = "dispider_sidecar_frame_decode_seconds"  # per intake batch (--decode-frames-in sidecar)
 GC_PAUSES = "dispider_gc_pause_seconds"
 SERVER_LOOP_LAG = "dispider_server_loop_lag_seconds"  # serve/loop_watch.py
 SERVER_LOOP_STALLS = "dispider_server_loop_stalls_total"
@@ -1005,7 +1006,7 @@ def gc_pauses_delta(before: MetricsSnapshot | None, after: MetricsSnapshot) -> d
 
 def sidecar_steps_delta(before: MetricsSnapshot | None, after: MetricsSnapshot) -> dict:
     """The sidecar's batched steps over this run (bucket estimates): clips per batch, the wall time of each step
-    phase, and each clip's wait from its last frame to its batch. The sidecar reports them once a second, so
+    phase, each clip's wait from its last frame to its batch, frames' transit to it and its intake's decoding. The sidecar reports them once a second, so
     the last second of a run may be missing."""
     def delta(name: str, **labels: str) -> dict | None:
         histogram = labeled_histogram(after, name, **labels)
@@ -1017,6 +1018,7 @@ def sidecar_steps_delta(before: MetricsSnapshot | None, after: MetricsSnapshot) 
         "step_s": {phase: delta(SIDECAR_STEP_SECONDS, phase=phase) for phase in SIDECAR_STEP_PHASES},
         "queue_wait_s": delta(SIDECAR_QUEUE_WAIT),
         "transit_s": delta(SIDECAR_TRANSIT),
+        "frame_decode_batch_s": delta(SIDECAR_FRAME_DECODE),
     }
 
 

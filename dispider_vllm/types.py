@@ -1,4 +1,4 @@
-"""Typed data at the doors between the rooms: frames -> clips -> features -> decisions -> triggers.
+"""Typed data at the doors between the rooms: (encoded) frames -> clips -> features -> decisions -> triggers.
 
 Shapes are written for the real model (CLIP-L/14, Qwen2-1.5B compact model, Qwen2-7B reaction model);
 the tiny random checkpoints use the same layout with smaller hidden sizes:
@@ -26,6 +26,17 @@ class Frame:
 
     timestamp: float
     pixels: np.ndarray
+
+
+@dataclass(frozen=True)
+class EncodedFrame:
+    """One pushed image frame still as it came (JPEG, PNG or WebP bytes), at a point of video time (seconds).
+
+    The server checks its header (format, side lengths) and the sidecar's process decodes it: the decoding then
+    costs the server's interpreter nothing (``dispider-serve --decode-frames-in``)."""
+
+    timestamp: float
+    data: bytes
 
 
 @dataclass(frozen=True)

@@ -41,7 +41,6 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 from dispider_vllm.gc_pauses import GcPauseMeter, freeze_startup_heap
 from dispider_vllm.reaction.engine import ReactionEngine, ReactionEngineConfig
 from dispider_vllm.sidecar.client import SidecarClient, SidecarConfig
-from dispider_vllm.types import Frame
 
 from serve import chat
 from serve.admission import Admission
@@ -61,7 +60,7 @@ from serve.media import (
     IMAGE_TYPES,
     MediaLimits,
     decode_base64,
-    decode_frame_image,
+    image_frame,
     frames_from_json,
     is_video_type,
     media_type,
@@ -247,7 +246,7 @@ async def health(request: Request) -> Response:
             "placement": {**backends.placement.describe(), "server_pid": os.getpid(), "sidecar_pid": backends.sidecar.pid,
                           "frame_ring_mib": backends.sidecar.frame_ring_mib},
             "sidecar_features": ready.features if ready else None,
-            "frontend": frontend_features(request.app.state.config.http)}
+            "frontend": frontend_features(request.app.state.config.http, request.app.state.config.decode_frames_in)}
     return JSONResponse(body, status_code=200 if status == "ok" else 503)
 
 
@@ -331,7 +330,7 @@ async def push_frames(request: Request) -> Response:
     if kind == "application/json":
         body = await read_json_object(request, max_bytes)
         usage.take_frames(len(body["frames"]) if isinstance(body.get("frames"), list) else 0)
-        frames = await frames_from_json(body, max_bytes)
+        frames = await frames_from_json(body, max_bytes, request.app.state.config.decode_frames_in)
         session.push_frames(frames)
         accepted = len(frames)
     elif kind.startswith("image/"):
@@ -342,9 +341,9 @@ async def push_frames(request: Request) -> Response:
         data = await read_body(request, max_bytes)
         read = time.perf_counter()
         usage.take_frames(1)
-        pixels = await decode_frame_image(data)
+        frame = await image_frame(data, timestamp, request.app.state.config.decode_frames_in)
         decoded = time.perf_counter()
-        session.push_frames([Frame(timestamp, pixels)])
+        session.push_frames([frame])
         accepted = 1
         # Where a slow push waits: its body, the decoding threads, or the rest (timed per phase, /metrics).
         phases.labels(phase="read").observe(read - started)
@@ -443,13 +442,13 @@ async def _send_events(websocket: WebSocket, session: Session) -> None:
 
 async def _receive_commands(websocket: WebSocket, session: Session) -> None:
     """Client messages until it sends ``end`` (or goes away). A bad message gets an error reply, nothing more."""
-    max_bytes = websocket.app.state.config.max_upload_bytes
+    config = websocket.app.state.config
     usage = usage_of(websocket)
     while True:
         text = await websocket.receive_text()
         try:
             message = _ws_message(text)
-            if await _apply_ws_message(session, usage, message, max_bytes):
+            if await _apply_ws_message(session, usage, message, config):
                 return
         except APIError as error:
             websocket.app.state.metrics.count_error(error.code)
@@ -466,7 +465,7 @@ def _ws_message(text: str) -> dict:
     return message
 
 
-async def _apply_ws_message(session: Session, usage: TenantUsage, message: dict, max_bytes: int) -> bool:
+async def _apply_ws_message(session: Session, usage: TenantUsage, message: dict, config: ServerConfig) -> bool:
     """Apply one client message; True when it was ``end``."""
     kind = message.get("type")
     if kind == "end":
@@ -476,8 +475,8 @@ async def _apply_ws_message(session: Session, usage: TenantUsage, message: dict,
     if kind == "frame":
         timestamp = parse_timestamp(message.get("timestamp"), "timestamp")
         usage.take_frames(1)
-        pixels = await decode_frame_image(decode_base64(message.get("image"), "image", max_bytes), "image")
-        session.push_frames([Frame(timestamp, pixels)])
+        image = decode_base64(message.get("image"), "image", config.max_upload_bytes)
+        session.push_frames([await image_frame(image, timestamp, config.decode_frames_in, "image")])
     elif kind == "question":
         session.ask(_question(message, "text"))
     else:

@@ -197,6 +197,13 @@ def build_parser() -> argparse.ArgumentParser:
                                "is decoded on a worker thread, which waits for the GIL at every hand-off while the "
                                "event loop is busy; but 1 ms doubled a push's time in the server at 704 streams on "
                                "an H200 (docs/benchmarks.md): for measurements, not tuning")
+    requests.add_argument("--decode-frames-in", choices=["sidecar", "server"], default=defaults.decode_frames_in,
+                          help="where a pushed JPEG/PNG/WebP frame is decoded. sidecar (default): the server reads "
+                               "only its header (format, size: a bad one is refused with 400 at once) and the "
+                               "sidecar's process decodes it, so the server's interpreter spends no time on it; an "
+                               "image that breaks past its header is then an 'invalid_frame' error event on the "
+                               "session's stream. server: decoded on the server's threads before the push is "
+                               "answered (every undecodable image a 400)")
     requests.add_argument("--event-buffer", type=int, default=defaults.event_buffer, metavar="N",
                           help="events kept per session for readers that connect late "
                                f"(default {defaults.event_buffer})")
@@ -241,7 +248,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         allowed_local_media_path=args.allowed_local_media_path, media_fetch_timeout_s=args.media_fetch_timeout,
         max_sessions=args.max_sessions, session_idle_timeout_s=args.session_idle_timeout,
         keep_alive_s=args.keep_alive, http=args.http, access_log=args.access_log,
-        switch_interval_ms=args.switch_interval,
+        switch_interval_ms=args.switch_interval, decode_frames_in=args.decode_frames_in,
         event_buffer=args.event_buffer, blocking_reaction=args.blocking_reaction,
         scheduling_policy=args.scheduling_policy, reaction_mps_priority=args.reaction_mps_priority,
         tenants_file=args.tenants,
@@ -334,7 +341,8 @@ def main(argv: list[str] | None = None) -> None:
     if config.switch_interval_ms is not None:  # process-wide; the sidecar and vLLM's engine core keep their own
         sys.setswitchinterval(config.switch_interval_ms / 1000)
     app = build_app(config, make_backends(config, parts))
-    log.info("HTTP: %s", ", ".join(f"{k} {v}" for k, v in frontend_features(config.http).items()))
+    frontend = frontend_features(config.http, config.decode_frames_in)
+    log.info("HTTP: %s", ", ".join(f"{k} {v}" for k, v in frontend.items()))
     server = uvicorn.Config(
         app, host=config.host, port=config.port, log_level=config.log_level,
         ws_max_size=config.max_upload_bytes * 4 // 3 + 4096,  # a frame message: a base64 image and a little JSON

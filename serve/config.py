@@ -19,12 +19,13 @@ def installed(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
-def frontend_features(http: str = "auto") -> dict[str, str | float]:
+def frontend_features(http: str = "auto", decode_frames_in: str = "sidecar") -> dict[str, str | float]:
     """The HTTP parser and event loop uvicorn runs with for ``--http`` (its "auto" takes the C ones when installed:
-    httptools and uvloop; otherwise the pure-Python h11 and asyncio's loop), and this process's GIL switch
-    interval (``--switch-interval``)."""
+    httptools and uvloop; otherwise the pure-Python h11 and asyncio's loop), this process's GIL switch interval
+    (``--switch-interval``) and where pushed images are decoded (``--decode-frames-in``)."""
     parser = ("httptools" if installed("httptools") else "h11") if http == "auto" else http
     return {"http": parser, "loop": "uvloop" if installed("uvloop") else "asyncio",
+            "decode_frames_in": decode_frames_in,
             "switch_interval_ms": round(sys.getswitchinterval() * 1000, 3)}
 
 
@@ -78,6 +79,7 @@ class ServerConfig:
     http: str = "auto"  # uvicorn's HTTP/1.1 parser: auto (httptools when installed, else h11), httptools, h11
     access_log: str = "except-frames"  # uvicorn's line per request: all, except-frames (accepted pushes), off
     switch_interval_ms: float | None = None  # sys.setswitchinterval for the server's process; None: Python's 5 ms
+    decode_frames_in: str = "sidecar"  # where pushed images are decoded: "sidecar" (its process) or "server" (here)
     event_buffer: int = 4096
     blocking_reaction: bool = False  # benchmark baseline: sessions' input waits while they answer
     # tenants and capacity (serve.tenants, serve.quotas, serve.admission)

@@ -182,6 +182,11 @@ class _ProcessCollector(Collector):
                 "dispider_sidecar_transit_seconds", "Frames received by the server -> taken in by the sidecar process "
                 "(blocking-reaction sessions: including the time they were held)", {(): stats.transit_seconds},
             )
+        if stats.frame_decode_seconds is not None:
+            yield _histogram(
+                "dispider_sidecar_frame_decode_seconds", "Decoding the pushed images that reached the sidecar's "
+                "process together, in one call on its intake thread (--decode-frames-in sidecar)", {(): stats.frame_decode_seconds},
+            )
 
     def _gc_pauses(self, stats) -> HistogramMetricFamily | None:
         series = {("server", generation): counts

@@ -47,7 +47,7 @@ from dispider_vllm.sidecar.protocol import (
     StreamOptions,
     Triggered,
 )
-from dispider_vllm.types import DecisionEvent, Frame
+from dispider_vllm.types import DecisionEvent, EncodedFrame, Frame
 
 from serve.admission import Admission
 from serve.errors import APIError
@@ -274,7 +274,7 @@ class Session:
                 self._metrics.reaction_queue_depth.dec()
 
     # -- input ----------------------------------------------------------------------------------------------------
-    def push_frames(self, frames: Sequence[Frame]) -> None:
+    def push_frames(self, frames: Sequence[Frame | EncodedFrame]) -> None:
         self._check_order([frame.timestamp for frame in frames])
         self.frames += len(frames)
         self._metrics.frames_received.inc(len(frames))

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import io
 import multiprocessing
 import time
 
 import numpy as np
 import pytest
+from PIL import Image
 
-from dispider_vllm.sidecar.frame_ring import ALIGN, FrameInRing, FrameRing
+from dispider_vllm.perception.frames import decode_image
+from dispider_vllm.sidecar.frame_ring import ALIGN, EncodedFrameInRing, FrameInRing, FrameRing
 from dispider_vllm.sidecar.protocol import PushFrames, PushSharedFrames, Shutdown
-from dispider_vllm.types import Frame
+from dispider_vllm.types import EncodedFrame, Frame
 
 
 def _frame(index: int, shape=(24, 32, 3)) -> Frame:
@@ -84,6 +87,50 @@ def test_the_intake_turns_shared_frames_back_into_frames_in_order(ring_pair):
         np.testing.assert_array_equal(got.pixels, want.pixels)
     assert intake.transit_seconds.snapshot().counts  # each push was timed
     assert sum(intake.transit_seconds.snapshot().counts) == 3
+
+
+def _jpeg(index: int) -> bytes:
+    out = io.BytesIO()
+    Image.fromarray(_frame(index, shape=(48, 64, 3)).pixels).save(out, format="JPEG")
+    return out.getvalue()
+
+
+def test_encoded_frames_cross_the_ring_as_bytes(ring_pair):
+    writer, reader = ring_pair
+    for index in range(10):  # each JPEG is smaller than a frame of pixels: more of them fit before the wrap
+        encoded = EncodedFrame(float(index), _jpeg(index))
+        place = writer.put(encoded)
+        assert isinstance(place, EncodedFrameInRing) and place.size == len(encoded.data)
+        assert reader.take(place) == encoded
+    big = EncodedFrame(10.0, bytes(9000))  # more than the ring holds: it goes whole
+    assert writer.put(big) is big
+
+
+def test_the_intake_decodes_encoded_frames_and_leaves_a_broken_one_for_the_engine(ring_pair):
+    """Images the server did not decode reach the engine as pixels, in order, whether they came through the ring
+    or the pipe; one that breaks past its header stays encoded (the engine fails it as the stream's error)."""
+    from dispider_vllm.sidecar.process import CommandIntake, _drain
+
+    writer, reader = ring_pair
+    commands = multiprocessing.get_context("spawn").Queue()
+    intake = CommandIntake(commands, reader)
+    jpegs = [_jpeg(i) for i in range(4)]
+    broken = EncodedFrame(2.0, jpegs[2][: jpegs[2].index(b"\xff\xda") + 20])
+    commands.put(PushSharedFrames("s", (writer.put(EncodedFrame(0.0, jpegs[0])), EncodedFrame(1.0, jpegs[1])),
+                                  received_at=time.time()))
+    commands.put(PushFrames("t", (broken, EncodedFrame(3.0, jpegs[3])), received_at=time.time()))
+    commands.put(Shutdown())
+    deadline = time.monotonic() + 30
+    while intake.queue.qsize() < 3 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    pushes = [command for command in _drain(intake.queue, block=True) if isinstance(command, PushFrames)]
+    assert [push.stream_id for push in pushes] == ["s", "t"]
+    frames = [frame for push in pushes for frame in push.frames]
+    assert [frame.timestamp for frame in frames] == [0.0, 1.0, 2.0, 3.0]
+    assert frames[2] == broken
+    for index in (0, 1, 3):
+        np.testing.assert_array_equal(frames[index].pixels, decode_image(jpegs[index]))
+    assert 1 <= sum(intake.decode_seconds.snapshot().counts) <= 2  # one call per batch that waited together
 
 
 def test_no_room_in_dev_shm_means_frames_through_the_pipe(monkeypatch):

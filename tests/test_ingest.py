@@ -18,6 +18,8 @@ from dispider_vllm.perception.frames import (
     FrameSampler,
     PreprocessorConfig,
     VideoError,
+    check_image_header,
+    decode_frames,
     decode_image,
     decode_video,
     load_preprocessor_config,
@@ -26,9 +28,10 @@ from dispider_vllm.perception.frames import (
     preprocess_with_config,
     probe_video,
     validate_frame,
+    with_pixels,
 )
 from dispider_vllm.perception.scenes import SceneOptions, resample_scene
-from dispider_vllm.types import Frame
+from dispider_vllm.types import EncodedFrame, Frame
 from dispider_vllm.video.synth import main as synth_main
 from dispider_vllm.video.synth import make_test_frames, make_test_video
 
@@ -275,6 +278,48 @@ def test_pushed_images_decode_and_bad_ones_raise_frame_error():
         decode_image(tiny.getvalue())
     with pytest.raises(FrameError):
         validate_frame(np.zeros((32, 32, 4), dtype=np.uint8))
+
+
+def test_image_headers_are_checked_without_decoding():
+    """What the server checks of a pushed image before the sidecar decodes it: the format and the size."""
+    pixels = make_test_frames(seconds=1, fps=1, size=(64, 48))[0].pixels
+    jpeg = io.BytesIO()
+    Image.fromarray(pixels).save(jpeg, format="JPEG")
+    assert check_image_header(jpeg.getvalue()) == (64, 48)
+    scan = jpeg.getvalue().index(b"\xff\xda")  # the start of the compressed data: the header is all before it
+    assert check_image_header(jpeg.getvalue()[: scan + 20]) == (64, 48)  # a broken body is found only when decoded
+    tiny, gif = io.BytesIO(), io.BytesIO()
+    Image.new("RGB", (8, 8)).save(tiny, format="PNG")
+    Image.new("RGB", (32, 32)).save(gif, format="GIF")
+    for data, match in ((tiny.getvalue(), "8x8"), (gif.getvalue(), "not a readable"),
+                        (b"\xff\xd8 x", "not a readable")):
+        with pytest.raises(FrameError, match=match):
+            check_image_header(data)
+
+
+def test_encoded_frames_decode_together_and_a_broken_one_stays_encoded():
+    """The sidecar's batch decoding: JPEGs in one call (the same pixels as Pillow's), PNG through Pillow, frames
+    already decoded untouched; a JPEG broken past its header comes back encoded, and fails in its place."""
+    frames = make_test_frames(seconds=3, fps=1, size=(64, 48), seed=2)
+    jpegs = []
+    for frame in frames:
+        out = io.BytesIO()
+        Image.fromarray(frame.pixels).save(out, format="JPEG", quality=85)
+        jpegs.append(out.getvalue())
+    png = io.BytesIO()
+    Image.fromarray(frames[1].pixels).save(png, format="PNG")
+    broken = EncodedFrame(1.0, jpegs[1][: jpegs[1].index(b"\xff\xda") + 20])  # a good header, a broken body
+    given = [EncodedFrame(0.0, jpegs[0]), broken, EncodedFrame(2.0, png.getvalue()), frames[2],
+             EncodedFrame(4.0, jpegs[2])]
+    got = decode_frames(given)
+    assert [frame.timestamp for frame in got] == [0.0, 1.0, 2.0, frames[2].timestamp, 4.0]
+    assert got[1] is broken and got[3] is frames[2]
+    np.testing.assert_array_equal(got[0].pixels, decode_image(jpegs[0]))
+    np.testing.assert_array_equal(got[4].pixels, decode_image(jpegs[2]))
+    np.testing.assert_array_equal(got[2].pixels, frames[1].pixels)
+    with pytest.raises(FrameError, match="not a readable"):
+        with_pixels(broken)
+    assert decode_frames([]) == []
 
 
 def test_synth_cli_help(capsys):

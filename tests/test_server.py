@@ -149,7 +149,7 @@ def test_models_health_and_openapi(client, http, dispider_server):
     # uvicorn's C parser and loop where installed (httptools is a dependency; uvloop comes with vLLM).
     # --switch-interval 2 (conftest) reached the server's process.
     assert health.pop("frontend") == {"http": "httptools", "loop": "uvloop" if installed("uvloop") else "asyncio",
-                                      "switch_interval_ms": 2.0}
+                                      "decode_frames_in": "sidecar", "switch_interval_ms": 2.0}
     assert health == {"status": "ok", "sidecar": True, "engine": True}
     # What the sidecar runs with: on the CPU nothing is captured as a CUDA graph.
     assert features["device"] == "cpu" and features["cuda_graphs"] == {"perception": False, "decision": False}
@@ -310,6 +310,34 @@ def test_live_session_over_http(http, dispider_server):
     # the sidecar's pipe: each frame one way or the other).
     sent = {way: count - sent_before[way] for way, count in _frames_sent(http).items()}
     assert sent["ring"] > 0 and sent["ring"] + sent["pipe"] == len(frames)
+
+
+def test_an_image_broken_past_its_header_is_an_error_event(http, dispider_server):
+    """The sidecar decodes pushed images (the default): the server reads a JPEG's header only, so one that breaks
+    past it is accepted, then reported on the session's stream as an invalid_frame error (OpenAI's error format,
+    400). The frames around it go on into clips and decisions, and the decoding shows in /metrics."""
+    session = http.post("/v1/sessions", json={"question": QUESTION}).json()
+    reader = EventReader(dispider_server.url + session["events_url"])
+    reader.start()
+    assert reader.connected.wait(30)
+    for frame in make_test_frames(seconds=CLIP_SECONDS + 2, fps=1, seed=4):
+        data = jpeg(frame.pixels)
+        if frame.timestamp == 5.0:
+            data = data[: data.index(b"\xff\xda") + 20]  # the header whole, the compressed data cut short
+        reply = http.post(f"/v1/sessions/{session['id']}/frames?timestamp={frame.timestamp}", content=data,
+                          headers={"content-type": "image/jpeg"})
+        assert reply.status_code == 202, reply.text
+    assert http.post(f"/v1/sessions/{session['id']}/end").status_code == 202
+    reader.finish()
+    errors = [error["error"] for error in reader.named("error")]
+    assert len(errors) == 1 and errors[0]["code"] == "invalid_frame" and errors[0]["type"] == "invalid_request_error"
+    assert "not a readable" in errors[0]["message"]
+    assert [d["clip"] for d in reader.named("decision")] == [0, 1]  # 16 s of frames, then the flushed rest
+    assert reader.named("end")[0]["reason"] == "end_of_stream"
+    http.delete(f"/v1/sessions/{session['id']}")
+    name = "dispider_sidecar_frame_decode_seconds"
+    decoded = _metrics_once(http, lambda m: m.histogram(name) is not None and m.histogram(name).count > 0)
+    assert decoded.histogram(name).count > 0
 
 
 def _metrics_once(http, holds, timeout: float = 30.0) -> MetricsSnapshot:

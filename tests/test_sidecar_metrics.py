@@ -111,7 +111,7 @@ def test_load_report_shows_the_steps_of_its_run():
     empty = bench.server_metrics_delta(None, scrape(None))
     assert empty["sidecar_steps"] == {"batch_clips": None, "step_s": dict.fromkeys(("preprocess_wait", "perceive_frames",
                                                                                        "perceive", "decide")),
-                                      "queue_wait_s": None, "transit_s": None}
+                                      "queue_wait_s": None, "transit_s": None, "frame_decode_batch_s": None}
     assert empty["gc_pauses_s"] == {}
 
 

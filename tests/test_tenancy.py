@@ -394,7 +394,8 @@ def tenant_server(default_checkpoint, tmp_path_factory):
     tenants_file = workdir / "tenants.json"
     tenants_file.write_text(json.dumps(tenants))
     extra = ["--tenants", str(tenants_file), "--capacity-streams", str(CAPACITY), "--max-batch-clips", "4",
-             "--scheduling-policy", "priority"]
+             "--scheduling-policy", "priority",
+             "--decode-frames-in", "server"]  # the shared server decodes in the sidecar: this one the other way
     with launch_server(default_checkpoint, workdir, extra) as handle:
         yield handle
 
@@ -533,6 +534,23 @@ def test_another_tenants_session_answers_as_a_missing_one(tenant_server, http):
     metrics = http.get("/metrics").text
     assert 'tenant="alice"' in metrics
     assert "secret question" not in metrics and not any(key in metrics for key in KEYS.values())
+    close_session(http, "alice", session)
+
+
+def test_a_server_decoding_frames_itself_refuses_a_broken_image_at_once(tenant_server, http):
+    """``--decode-frames-in server``: each pushed image is decoded before the push is answered, so one broken past
+    its header is a 400 at once (with the sidecar decoding, it is an error event later: test_server)."""
+    assert http.get("/health").json()["frontend"]["decode_frames_in"] == "server"
+    session = open_session(http, "alice")
+    url = f"/v1/sessions/{session['id']}/frames"
+    frames = make_test_frames(seconds=3, fps=1, seed=6)
+    images = [jpeg(frame.pixels) for frame in frames]
+    images[1] = images[1][: images[1].index(b"\xff\xda") + 20]  # the header whole, the compressed data cut short
+    replies = [http.post(f"{url}?timestamp={frame.timestamp}", content=image,
+                         headers={**auth("alice"), "content-type": "image/jpeg"}) for frame, image in zip(frames, images)]
+    assert [reply.status_code for reply in replies] == [202, 400, 202]
+    assert replies[1].json()["error"]["code"] == "invalid_image"
+    assert http.get(f"/v1/sessions/{session['id']}", headers=auth("alice")).json()["frames"] == 2
     close_session(http, "alice", session)
 
 

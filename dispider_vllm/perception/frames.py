@@ -9,6 +9,7 @@ DISPIDER.md section 2 fixes what the model expects:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
 import json
@@ -25,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from dispider_vllm.types import Frame
+from dispider_vllm.types import EncodedFrame, Frame
 
 VideoSource = Union[str, os.PathLike, bytes, bytearray, memoryview, BinaryIO]
 
@@ -37,6 +38,7 @@ MAX_FRAME_SIDE = 4096
 ALLOWED_DEMUXERS = "mov,mp4,matroska,webm,avi,mpegts,mpeg,flv,ogg,asf,gif,ivf"
 
 IMAGE_FORMATS = ("JPEG", "PNG", "WEBP")
+JPEG_MAGIC = b"\xff\xd8"
 
 # CLIP ViT-L/14 defaults (OpenAI CLIP's preprocessing, as in its preprocessor_config.json), used when the
 # checkpoint's vision tower does not give its own.
@@ -187,6 +189,65 @@ def decode_image(data: bytes) -> np.ndarray:
     except (UnidentifiedImageError, OSError, Image.DecompressionBombError, SyntaxError) as error:
         raise FrameError(f"not a readable JPEG/PNG/WebP image: {error}") from None
     return validate_frame(pixels)
+
+
+def check_image_header(data: bytes) -> tuple[int, int]:
+    """A pushed image's (width, height) from its header alone (~20 us: nothing is decoded). Raises FrameError for
+    what ``decode_image`` would refuse up front: not a JPEG/PNG/WebP, or a side out of range. A body that breaks
+    after a good header is only found when the image is decoded."""
+    try:
+        with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as image:
+            _check_side_lengths(image.width, image.height)
+            return image.width, image.height
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError, SyntaxError) as error:
+        raise FrameError(f"not a readable JPEG/PNG/WebP image: {error}") from None
+
+
+def with_pixels(frame: Frame | EncodedFrame) -> Frame:
+    """The frame with its pixels: an encoded one decoded (FrameError when its image does not decode)."""
+    if isinstance(frame, EncodedFrame):
+        return Frame(frame.timestamp, decode_image(frame.data))
+    return frame
+
+
+def decode_frames(frames: Sequence[Frame | EncodedFrame]) -> list[Frame | EncodedFrame]:
+    """The frames with the encoded ones decoded: the JPEGs in one call into torchvision (libjpeg-turbo, the GIL
+    released once for all of them instead of at each step of Pillow's per-image Python), any other image with
+    Pillow. One that does not decode comes back still encoded, for ``with_pixels`` to fail in its place."""
+    jpegs = [i for i, frame in enumerate(frames) if isinstance(frame, EncodedFrame) and frame.data[:2] == JPEG_MAGIC]
+    out = list(frames)
+    for i, pixels in zip(jpegs, _decode_jpegs([frames[i].data for i in jpegs])):
+        if pixels is not None:
+            out[i] = Frame(frames[i].timestamp, pixels)
+    for i, frame in enumerate(out):
+        if isinstance(frame, EncodedFrame):
+            with contextlib.suppress(FrameError):
+                out[i] = with_pixels(frame)
+    return out
+
+
+def _decode_jpegs(images: list[bytes]) -> list[np.ndarray | None]:
+    """RGB uint8 [H, W, 3] per JPEG (EXIF rotation applied), None for one torchvision cannot decode (Pillow then
+    has its go, and says why). A batch that fails as a whole is decoded one by one."""
+    if not images:
+        return []
+    from torchvision.io import ImageReadMode, decode_jpeg  # with vLLM on every platform it runs on
+
+    tensors = [torch.frombuffer(bytearray(data), dtype=torch.uint8) for data in images]
+    try:
+        decoded = decode_jpeg(tensors, mode=ImageReadMode.RGB, apply_exif_orientation=True)
+    except RuntimeError:
+        if len(images) == 1:
+            return [None]
+        return [pixels for data in images for pixels in _decode_jpegs([data])]
+    return [_checked_hwc(chw) for chw in decoded]
+
+
+def _checked_hwc(chw: torch.Tensor) -> np.ndarray | None:
+    try:
+        return validate_frame(np.ascontiguousarray(chw.permute(1, 2, 0).numpy()))
+    except FrameError:
+        return None
 
 
 def validate_frame(pixels: np.ndarray) -> np.ndarray:

@@ -4,7 +4,7 @@
     await sidecar.start()                       # spawns the process, waits for SidecarReady
     queue = sidecar.subscribe("s1")             # asyncio.Queue of that stream's events
     sidecar.send(OpenStream("s1", "What happens?"))
-    sidecar.send(PushFrames("s1", frames))     # pixels through the frame ring (shared memory)
+    sidecar.send(PushFrames("s1", frames))     # pixels (or JPEG bytes) through the frame ring (shared memory)
     ...
     await sidecar.stop()
 """
@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import torch.multiprocessing as mp
 
-from dispider_vllm.sidecar.frame_ring import FrameInRing, FrameRing
+from dispider_vllm.sidecar.frame_ring import EncodedFrameInRing, FrameInRing, FrameRing
 from dispider_vllm.sidecar.protocol import (
     ClipPerceived,
     Command,
@@ -140,7 +140,7 @@ class SidecarClient:
             return command
         with self._ring_lock:
             frames = tuple(self.frame_ring.put(frame) for frame in command.frames)
-        shared = sum(isinstance(frame, FrameInRing) for frame in frames)
+        shared = sum(isinstance(frame, (FrameInRing, EncodedFrameInRing)) for frame in frames)
         self.frames_sent["ring"] += shared
         self.frames_sent["pipe"] += len(frames) - shared
         return PushSharedFrames(command.stream_id, frames, command.end_of_stream, command.received_at)

@@ -40,7 +40,14 @@ from dispider_vllm.perception.clips import (
     prepare_frame_pixels,
 )
 from dispider_vllm.perception.encoder import PerceptionEncoder
-from dispider_vllm.perception.frames import FrameError, FrameSampler, PreprocessorConfig, VideoError, decode_video
+from dispider_vllm.perception.frames import (
+    FrameError,
+    FrameSampler,
+    PreprocessorConfig,
+    VideoError,
+    decode_video,
+    with_pixels,
+)
 from dispider_vllm.perception.modules import PerceptionDecisionModules
 from dispider_vllm.sidecar.protocol import (
     AskQuestion,
@@ -58,7 +65,7 @@ from dispider_vllm.sidecar.protocol import (
     StreamOptions,
     Triggered,
 )
-from dispider_vllm.types import FRAMES_PER_CLIP, Clip, DecisionEvent, Frame, Trigger
+from dispider_vllm.types import FRAMES_PER_CLIP, Clip, DecisionEvent, EncodedFrame, Frame, Trigger
 
 log = logging.getLogger("dispider.sidecar")
 
@@ -315,9 +322,10 @@ class SidecarEngine:
         events.extend(self._finished_streams())
         return events
 
-    def _assemble(self, stream: StreamState, frame: Frame) -> list[ClipWindow]:
+    def _assemble(self, stream: StreamState, frame: Frame | EncodedFrame) -> list[ClipWindow]:
         if stream.end_requested:
             raise FrameError("the stream has ended; no more frames are taken")
+        frame = with_pixels(frame)  # the process's intake decodes ahead; one that failed there fails here, in its place
         self.frames_total += 1
         sampled_frames = stream.sampler.push(frame)
         if stream.assembler.start is None:

@@ -16,7 +16,8 @@ import torch
 from dispider_vllm.gc_pauses import GcPauseMeter, freeze_startup_heap
 from dispider_vllm.sidecar.client import SidecarConfig
 from dispider_vllm.sidecar.engine import SECONDS_BUCKETS, decode_push
-from dispider_vllm.sidecar.frame_ring import FrameInRing, FrameRing
+from dispider_vllm.perception.frames import decode_frames
+from dispider_vllm.sidecar.frame_ring import EncodedFrameInRing, FrameInRing, FrameRing
 from dispider_vllm.sidecar.protocol import (
     CountingHistogram,
     PushEncoded,
@@ -28,11 +29,14 @@ from dispider_vllm.sidecar.protocol import (
     StreamError,
 )
 from dispider_vllm.sidecar.turn_log import NO_CLOCK, TurnClock, TurnLog
+from dispider_vllm.types import EncodedFrame
 
 log = logging.getLogger("dispider.sidecar")
 STATS_INTERVAL_S = 1.0
 IDLE_WAIT_S = 0.02
 MAX_COMMANDS_PER_TURN = 4096
+# The intake takes what waits on the pipe together (up to this many commands), to decode its images in one call.
+MAX_INTAKE_BATCH = 256
 # A decoded upload is handed to the engine a few pieces per turn, with a batched step in between, so assembling
 # one tenant's long video cannot hold up the clips of live streams that arrive meanwhile.
 DECODED_FRAMES_PER_PIECE = 32
@@ -174,35 +178,65 @@ class VideoDecoder:
 
 class CommandIntake:
     """Reads the server's commands off the process pipe on a thread of its own, into an in-process queue; copies
-    shared frames out of the frame ring as they come; times each frame push from the server's receipt to here
-    (``transit_seconds``).
+    shared frames out of the frame ring and decodes the images the server left encoded, as they come; times each
+    frame push from the server's receipt to here (``transit_seconds``) and the decoding of each batch of images
+    (``decode_seconds``: what waited on the pipe together is decoded in one call).
 
     The pipe holds less than one 320x240 frame, and the server's feeder thread writes the next command only after
     the previous one has been read; a loop that read the pipe only between batched steps took about one frame per
     step and fell behind at a few hundred frames/s while clips waited upstream. This thread keeps the pipe
     flowing during steps (the main thread waits on the GPU with the GIL released), and a drain takes it all.
+    Decoding here, not in the main loop, overlaps it with the steps too; one call for a batch takes the GIL back
+    once, where Pillow, image by image, waited for it at each step while the main loop held it (tried on a 2-core
+    CPU: the frames fell behind by seconds).
     """
 
     def __init__(self, commands, ring: FrameRing | None = None) -> None:
         self.queue: queue.Queue = queue.Queue()
         self.transit_seconds = CountingHistogram(SECONDS_BUCKETS)
+        self.decode_seconds = CountingHistogram(SECONDS_BUCKETS)
         self._ring = ring
         threading.Thread(target=self._pump, args=(commands,), name="sidecar-intake", daemon=True).start()
 
     def _pump(self, commands) -> None:
         while True:
-            command = commands.get()
-            if isinstance(command, PushSharedFrames):
-                command = self._unshared(command)
-            if isinstance(command, (PushFrames, PushEncoded)) and command.received_at:
-                self.transit_seconds.observe(max(0.0, time.time() - command.received_at))
-            self.queue.put(command)
-            if isinstance(command, Shutdown):
-                return
+            waiting = _waiting(commands)
+            for command in waiting:
+                if isinstance(command, (PushSharedFrames, PushFrames, PushEncoded)) and command.received_at:
+                    self.transit_seconds.observe(max(0.0, time.time() - command.received_at))
+            for command in self._taken_in(waiting):
+                self.queue.put(command)
+                if isinstance(command, Shutdown):
+                    return
 
-    def _unshared(self, command: PushSharedFrames) -> PushFrames:
-        frames = tuple(self._ring.take(frame) if isinstance(frame, FrameInRing) else frame for frame in command.frames)
-        return PushFrames(command.stream_id, frames, command.end_of_stream, command.received_at)
+    def _taken_in(self, commands: list) -> list:
+        """The commands with their frames out of the ring, and the images among them decoded all at once."""
+        pushes = [i for i, command in enumerate(commands) if isinstance(command, (PushSharedFrames, PushFrames))]
+        frames = [[self._ring.take(frame) if isinstance(frame, (FrameInRing, EncodedFrameInRing)) else frame
+                   for frame in commands[i].frames] for i in pushes]
+        flat = [frame for push in frames for frame in push]
+        if any(isinstance(frame, EncodedFrame) for frame in flat):
+            started = time.perf_counter()
+            flat = decode_frames(flat)
+            self.decode_seconds.observe(time.perf_counter() - started)
+        taken, position = list(commands), 0
+        for i, push in zip(pushes, frames):
+            command = commands[i]
+            taken[i] = PushFrames(command.stream_id, tuple(flat[position : position + len(push)]),
+                                  command.end_of_stream, command.received_at)
+            position += len(push)
+        return taken
+
+
+def _waiting(commands, limit: int = MAX_INTAKE_BATCH) -> list:
+    """The next command (waiting for it), and those already queued behind it, up to ``limit`` or a Shutdown."""
+    waiting = [commands.get()]
+    while len(waiting) < limit and not isinstance(waiting[-1], Shutdown):
+        try:
+            waiting.append(commands.get_nowait())
+        except queue.Empty:
+            break
+    return waiting
 
 
 def _serve(engine, intake: CommandIntake, events, gc_pauses: GcPauseMeter, turn_log: TurnLog | None = None) -> None:
@@ -284,6 +318,7 @@ def _stats(engine, intake: CommandIntake, gc_pauses: GcPauseMeter) -> SidecarSta
         batches_total=engine.batches_total,
         **engine.step_stats.snapshot(),
         transit_seconds=intake.transit_seconds.snapshot(),
+        frame_decode_seconds=intake.decode_seconds.snapshot(),
         gc_pause_seconds=gc_pauses.snapshot(),
         kept_clips=kept.clips,
         kept_clip_bytes=kept.bytes,

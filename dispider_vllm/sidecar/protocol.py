@@ -12,8 +12,8 @@ import bisect
 from dataclasses import dataclass, field
 from typing import Union
 
-from dispider_vllm.sidecar.frame_ring import FrameInRing
-from dispider_vllm.types import DecisionEvent, Frame, Trigger
+from dispider_vllm.sidecar.frame_ring import EncodedFrameInRing, FrameInRing
+from dispider_vllm.types import DecisionEvent, EncodedFrame, Frame, Trigger
 
 
 # ---- commands -------------------------------------------------------------------------------------------
@@ -34,10 +34,11 @@ class OpenStream:
 
 @dataclass(frozen=True)
 class PushFrames:
-    """Decoded frames of one stream, in time order. ``end_of_stream`` closes the last partial clip."""
+    """Frames of one stream, in time order. ``end_of_stream`` closes the last partial clip. An ``EncodedFrame``
+    is decoded in the sidecar's process (its intake thread, as it arrives)."""
 
     stream_id: str
-    frames: tuple[Frame, ...]
+    frames: tuple[Frame | EncodedFrame, ...]
     end_of_stream: bool = False
     received_at: float | None = None  # time.time() when the server got them; latencies count from here
 
@@ -48,7 +49,7 @@ class PushSharedFrames:
     comes along whole). The sidecar's intake turns it back into ``PushFrames`` as it arrives."""
 
     stream_id: str
-    frames: tuple[FrameInRing | Frame, ...]
+    frames: tuple[FrameInRing | EncodedFrameInRing | Frame | EncodedFrame, ...]
     end_of_stream: bool = False
     received_at: float | None = None
 
@@ -177,6 +178,7 @@ class SidecarStats:
     step_seconds: dict[str, HistogramCounts] = field(default_factory=dict)  # phases: STEP_PHASES in engine.py
     queue_wait_seconds: HistogramCounts | None = None  # per clip: its last frame received -> its batch started
     transit_seconds: HistogramCounts | None = None  # per frame push: received by the server -> taken in by the sidecar
+    frame_decode_seconds: HistogramCounts | None = None  # per intake batch of images the server left encoded
     gc_pause_seconds: dict[str, HistogramCounts] = field(default_factory=dict)  # the sidecar's collections, by generation
     # The clips kept for retrieval and G over all open streams (DecisionEngine.kept_clips_usage):
     kept_clips: int = 0
