@@ -5,8 +5,9 @@
         -- --checkpoint /tmp/dispider-streams/split --respond-every 8
     python benchmarks/frame_path_bench.py --compare-ring --frame-size 640x360 --out /tmp/frame_ring.json
 
-Every live frame crosses the server's process (HTTP request, JPEG decode, hand-off to the sidecar) and the
-sidecar's (sampling, resize and normalise into clips) before any GPU work. One Python process has one core's worth
+Every live frame crosses the server's process (HTTP request, the JPEG's header check, hand-off to the sidecar;
+its decoding too with ``--decode-frames-in server``) and the sidecar's (decoding, sampling, resize and normalise
+into clips) before any GPU work. One Python process has one core's worth
 of interpreter, so the server's CPU seconds per frame bound the frames per second, hence the 1-fps streams, that
 one server can take, whatever the GPU does: ``streams_per_server_core`` = 1 / (server CPU s per frame).
 
