@@ -217,7 +217,10 @@ class CommandIntake:
         flat = [frame for push in frames for frame in push]
         if any(isinstance(frame, EncodedFrame) for frame in flat):
             started = time.perf_counter()
-            flat = decode_frames(flat)
+            try:
+                flat = decode_frames(flat)
+            except Exception:  # noqa: BLE001 - this thread must live on; the engine decodes them one by one
+                log.exception("decoding %d pushed frames together failed", len(flat))
             self.decode_seconds.observe(time.perf_counter() - started)
         taken, position = list(commands), 0
         for i, push in zip(pushes, frames):
