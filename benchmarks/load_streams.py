@@ -1006,8 +1006,8 @@ def gc_pauses_delta(before: MetricsSnapshot | None, after: MetricsSnapshot) -> d
 
 def sidecar_steps_delta(before: MetricsSnapshot | None, after: MetricsSnapshot) -> dict:
     """The sidecar's batched steps over this run (bucket estimates): clips per batch, the wall time of each step
-    phase, each clip's wait from its last frame to its batch, frames' transit to it and its intake's decoding. The sidecar reports them once a second, so
-    the last second of a run may be missing."""
+    phase, each clip's wait from its last frame to its batch, frames' transit to it and its intake's decoding.
+    The sidecar reports them once a second, so the last second of a run may be missing."""
     def delta(name: str, **labels: str) -> dict | None:
         histogram = labeled_histogram(after, name, **labels)
         earlier = labeled_histogram(before, name, **labels) if before else None

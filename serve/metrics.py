@@ -185,7 +185,8 @@ class _ProcessCollector(Collector):
         if stats.frame_decode_seconds is not None:
             yield _histogram(
                 "dispider_sidecar_frame_decode_seconds", "Decoding the pushed images that reached the sidecar's "
-                "process together, in one call on its intake thread (--decode-frames-in sidecar)", {(): stats.frame_decode_seconds},
+                "process together, in one call on its intake thread (--decode-frames-in sidecar)",
+                {(): stats.frame_decode_seconds},
             )
 
     def _gc_pauses(self, stats) -> HistogramMetricFamily | None:

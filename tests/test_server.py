@@ -499,7 +499,8 @@ def test_access_log_keeps_refused_pushes_and_drops_accepted_ones(http, dispider_
     session = http.post("/v1/sessions", json={"question": QUESTION}).json()
     frames = f"/v1/sessions/{session['id']}/frames"
     pixels = make_test_frames(seconds=1, fps=1, seed=3)[0].pixels
-    assert http.post(frames + "?timestamp=0", content=jpeg(pixels), headers={"content-type": "image/jpeg"}).status_code == 202
+    reply = http.post(frames + "?timestamp=0", content=jpeg(pixels), headers={"content-type": "image/jpeg"})
+    assert reply.status_code == 202
     assert_error(http.post(frames + "?timestamp=1", content=b"\xff\xd8 broken", headers={"content-type": "image/jpeg"}),
                  400, "invalid_image")
     assert http.delete(f"/v1/sessions/{session['id']}").status_code == 200

@@ -546,8 +546,9 @@ def test_a_server_decoding_frames_itself_refuses_a_broken_image_at_once(tenant_s
     frames = make_test_frames(seconds=3, fps=1, seed=6)
     images = [jpeg(frame.pixels) for frame in frames]
     images[1] = images[1][: images[1].index(b"\xff\xda") + 20]  # the header whole, the compressed data cut short
-    replies = [http.post(f"{url}?timestamp={frame.timestamp}", content=image,
-                         headers={**auth("alice"), "content-type": "image/jpeg"}) for frame, image in zip(frames, images)]
+    headers = {**auth("alice"), "content-type": "image/jpeg"}
+    replies = [http.post(f"{url}?timestamp={frame.timestamp}", content=image, headers=headers)
+               for frame, image in zip(frames, images)]
     assert [reply.status_code for reply in replies] == [202, 400, 202]
     assert replies[1].json()["error"]["code"] == "invalid_image"
     assert http.get(f"/v1/sessions/{session['id']}", headers=auth("alice")).json()["frames"] == 2
