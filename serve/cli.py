@@ -194,8 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
     requests.add_argument("--switch-interval", type=float, default=defaults.switch_interval_ms, metavar="MS",
                           help="how long one thread of the server's process may hold Python's GIL while another "
                                "waits for it (sys.setswitchinterval; default Python's own, 5 ms). With "
-                               "--decode-frames-in server each pushed frame is decoded on a worker thread, which waits for the GIL at "
-                               "every hand-off while the event loop is busy; but 1 ms doubled a push's time in the "
+                               "--decode-frames-in server each pushed frame is decoded on a worker thread, which waits "
+                               "for the GIL at every hand-off while the event loop is busy; but 1 ms doubled a push's time in the "
                                "server at 704 streams on an H200 (docs/benchmarks.md): for measurements, not tuning")
     requests.add_argument("--decode-frames-in", choices=["sidecar", "server"], default=defaults.decode_frames_in,
                           help="where a pushed JPEG/PNG/WebP frame is decoded. sidecar (default): the server reads "
