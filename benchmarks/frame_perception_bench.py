@@ -2,18 +2,23 @@
 
 The sidecar's ``--frame-perception``: "clip" runs a closing clip's 16 frames through the CLIP tower, then the pool
 projector and the compact model's first pass; "arrival" has run each frame through the tower soon after it came,
-so the close runs the tower over its last frame only, then the projector and the first pass. At real shapes (CLIP
-ViT-L/14-224, Qwen2-1.5B, random weights, bf16), uint8 320x240 frames preprocessed on the device as the GPU sidecar
-takes them, in one run:
+so the close runs the tower over its last frame only, then the projector and the first pass; "prefill" has also run
+the compact model's pass over the time prompt and each frame's raw tokens as they came, into the clip's cached
+prefix, so the close runs the tower and that prefill for its last frame, then the pass's last 65 positions. At
+real shapes (CLIP ViT-L/14-224, Qwen2-1.5B, random weights, bf16), uint8 320x240 frames preprocessed on the device
+as the GPU sidecar takes them, in one run:
 
-1. correctness (``--check-sizes``): N clips perceived both ways, raw, M and T compared (a pass: within
-   ``--tolerance`` of the features' scale; bf16 products may sum in another order in other shapes);
+1. correctness (``--check-sizes``): N clips perceived the three ways, raw, M and T of "arrival" and "prefill"
+   compared with "clip"'s (a pass: within ``--tolerance`` of the features' scale; bf16 products may sum in another
+   order in other shapes);
 2. the close (``--sizes``): N clips closing in one step, the encoder's work from their last frames to their M and
    T, host stacking included. "clip": ``encode`` of N clips of frames; "arrival": ``perceive_frames`` of the N last
-   frames, then ``encode`` of N clips of tokens. Medians of ``--reps`` after ``--warmup`` (graphs are captured in
-   the warm-up), ``torch.cuda.synchronize`` around each;
-3. the frames' own pass (``--frame-batches``): ``perceive_frames`` of F frames, per pass and per frame: the work
-   "arrival" does before the close instead of in it (the GPU does it either way).
+   frames, then ``encode`` of N clips of tokens; "prefill": ``perceive_frames`` and ``prefill_frames`` of the N
+   last frames (their prefixes hold the 15 before), then ``encode`` of the N clips with their prefixes. Medians of
+   ``--reps`` after ``--warmup`` (graphs are captured in the warm-up), ``torch.cuda.synchronize`` around each;
+3. the frames' own pass (``--frame-batches``): ``perceive_frames`` of F frames, per pass and per frame, alone and
+   followed by ``prefill_frames`` (each frame the next of its own clip, the clips at every length): the work
+   "arrival" and "prefill" do before the close instead of in it (the GPU does it either way).
 
 ``--tiny`` runs tiny shapes on the CPU (a smoke test of this script, not a figure).
 """
@@ -21,6 +26,7 @@ takes them, in one run:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import sys
 import time
@@ -37,7 +43,7 @@ from dispider_vllm.perception.clips import ClipWindow, make_frames_clip  # noqa:
 from dispider_vllm.perception.encoder import PerceptionEncoder  # noqa: E402
 from dispider_vllm.perception.frames import PreprocessorConfig  # noqa: E402
 from dispider_vllm.perception.modules import PerceptionDecisionModules  # noqa: E402
-from dispider_vllm.types import FRAMES_PER_CLIP, Clip  # noqa: E402
+from dispider_vllm.types import FRAMES_PER_CLIP, Clip, ClipPrefix  # noqa: E402
 from dispider_vllm.video.synth import make_test_frames  # noqa: E402
 
 FRAME_SIZE = (320, 240)
@@ -73,20 +79,42 @@ def clip_of_tokens(window: ClipWindow, tokens: Sequence[torch.Tensor]) -> Clip:
                 tuple(f.timestamp for f in window.frames), features=torch.stack(list(tokens)))
 
 
+def prefilled(encoder: PerceptionEncoder, cut: Sequence[ClipWindow],
+              tokens: Sequence[Sequence[torch.Tensor]]) -> list[ClipPrefix]:
+    """A prefix per clip holding its time prompt and ``tokens[i]``'s frames."""
+    prefixes = [encoder.open_prefix(w.index, w.start, w.end) for w in cut]
+    encoder.prefill_frames([(prefix, frames) for prefix, frames in zip(prefixes, tokens) if len(frames)])
+    return prefixes
+
+
+def rewind(encoder: PerceptionEncoder, prefixes: Sequence[ClipPrefix], lengths: Sequence[int], frames: int) -> None:
+    """Back to ``lengths`` positions and ``frames`` frames (the timed work appended one frame)."""
+    for prefix, length in zip(prefixes, lengths):
+        encoder.prefix_pool.truncate(prefix.slot, length)
+        prefix.frames = frames
+
+
 def check(encoder: PerceptionEncoder, count: int, tolerance: float) -> dict:
     cut = windows(count, seed=count)
     by_clip = encoder.encode([make_frames_clip(w, encoder.preprocessor) for w in cut])
     tokens = encoder.perceive_frames([f.pixels for w in cut for f in w.frames])
-    on_arrival = encoder.encode([clip_of_tokens(w, tokens[i * FRAMES_PER_CLIP : (i + 1) * FRAMES_PER_CLIP])
-                                 for i, w in enumerate(cut)])
+    per_clip = [tokens[i * FRAMES_PER_CLIP : (i + 1) * FRAMES_PER_CLIP] for i in range(count)]
+    of_tokens = [clip_of_tokens(w, frames) for w, frames in zip(cut, per_clip)]
+    prefixes = prefilled(encoder, cut, per_clip)
+    ways = {"arrival": encoder.encode(of_tokens),
+            "prefill": encoder.encode([dataclasses.replace(c, prefix=p) for c, p in zip(of_tokens, prefixes)])}
+    for prefix in prefixes:
+        encoder.release_prefix(prefix)
     result: dict = {"clips": count}
-    for name in ("raw", "memory", "indicator"):
-        want = torch.stack([getattr(f, name) for f in by_clip]).float()
-        got = torch.stack([getattr(f, name) for f in on_arrival]).float()
-        scale = want.abs().max().item()
-        result[name] = {"max_abs_diff": (got - want).abs().max().item(), "scale": scale}
-    result["ok"] = all(result[n]["max_abs_diff"] <= tolerance * max(result[n]["scale"], 1.0)
-                       for n in ("raw", "memory", "indicator"))
+    for way, features in ways.items():
+        result[way] = {}
+        for name in ("raw", "memory", "indicator"):
+            want = torch.stack([getattr(f, name) for f in by_clip]).float()
+            got = torch.stack([getattr(f, name) for f in features]).float()
+            scale = want.abs().max().item()
+            result[way][name] = {"max_abs_diff": (got - want).abs().max().item(), "scale": scale}
+    result["ok"] = all(diff["max_abs_diff"] <= tolerance * max(diff["scale"], 1.0)
+                       for way in ways for diff in result[way].values())
     return result
 
 
@@ -103,14 +131,27 @@ def time_close(encoder: PerceptionEncoder, count: int, args: argparse.Namespace)
         last = encoder.perceive_frames([w.frames[-1].pixels for w in cut])
         encoder.encode([clip_of_tokens(w, [*tokens, t]) for w, tokens, t in zip(cut, earlier, last)])
 
-    times: dict[str, list[float]] = {"clip": [], "arrival": []}
+    prefixes = prefilled(encoder, cut, earlier)
+    lengths = [encoder.prefix_pool.length(prefix.slot) for prefix in prefixes]
+
+    def on_prefill() -> None:
+        last = encoder.perceive_frames([w.frames[-1].pixels for w in cut])
+        encoder.prefill_frames([(prefix, [t]) for prefix, t in zip(prefixes, last)])
+        encoder.encode([dataclasses.replace(clip_of_tokens(w, [*tokens, t]), prefix=prefix)
+                        for w, tokens, t, prefix in zip(cut, earlier, last, prefixes)])
+        rewind(encoder, prefixes, lengths, FRAMES_PER_CLIP - 1)
+
+    times: dict[str, list[float]] = {"clip": [], "arrival": [], "prefill": []}
     for rep in range(args.warmup + args.reps):
-        for mode, work in (("clip", by_clip), ("arrival", on_arrival)):
+        for mode, work in (("clip", by_clip), ("arrival", on_arrival), ("prefill", on_prefill)):
             elapsed = timed_ms(device, work)
             if rep >= args.warmup:
                 times[mode].append(elapsed)
+    for prefix in prefixes:
+        encoder.release_prefix(prefix)
     medians = {mode: statistics.median(values) for mode, values in times.items()}
-    return {"clips": count, "close_ms": medians, "ratio_clip_over_arrival": medians["clip"] / medians["arrival"]}
+    return {"clips": count, "close_ms": medians, "ratio_clip_over_arrival": medians["clip"] / medians["arrival"],
+            "ratio_arrival_over_prefill": medians["arrival"] / medians["prefill"]}
 
 
 def time_frames(encoder: PerceptionEncoder, frames: int, args: argparse.Namespace) -> dict:
@@ -118,7 +159,26 @@ def time_frames(encoder: PerceptionEncoder, frames: int, args: argparse.Namespac
     pixels = [f.pixels for f in make_test_frames(seconds=frames, fps=1, size=FRAME_SIZE, seed=7)]
     values = [timed_ms(device, lambda: encoder.perceive_frames(pixels)) for _ in range(args.warmup + args.reps)]
     median = statistics.median(values[args.warmup :])
-    return {"frames": frames, "pass_ms": median, "ms_per_frame": median / frames}
+    # Each frame the next of its own clip, the clips holding 0..15 frames already (as live streams' clips do).
+    cut = windows(1, seed=8) * frames
+    tokens = encoder.perceive_frames(pixels)
+    prefixes = prefilled(encoder, [dataclasses.replace(w, index=i) for i, w in enumerate(cut)],
+                         [[tokens[i]] * (i % FRAMES_PER_CLIP) for i in range(frames)])
+    lengths = [encoder.prefix_pool.length(prefix.slot) for prefix in prefixes]
+    held = [prefix.frames for prefix in prefixes]
+
+    def with_prefill() -> None:
+        new = encoder.perceive_frames(pixels)
+        encoder.prefill_frames([(prefix, [t]) for prefix, t in zip(prefixes, new)])
+        for prefix, length, count in zip(prefixes, lengths, held):
+            rewind(encoder, [prefix], [length], count)
+
+    with_values = [timed_ms(device, with_prefill) for _ in range(args.warmup + args.reps)]
+    for prefix in prefixes:
+        encoder.release_prefix(prefix)
+    with_median = statistics.median(with_values[args.warmup :])
+    return {"frames": frames, "pass_ms": median, "ms_per_frame": median / frames,
+            "pass_with_prefill_ms": with_median, "ms_per_frame_with_prefill": with_median / frames}
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -150,7 +210,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     log(f"building {'tiny' if args.tiny else 'real-shape'} modules on {device} ({dtype})")
     modules = PerceptionDecisionModules.random(real_shapes=not args.tiny, device=device, dtype=dtype)
-    encoder = PerceptionEncoder(modules, preprocessor=PreprocessorConfig())
+    prefix_slots = max([*args.check_sizes, *args.sizes, *args.frame_batches])  # no pool growth while timed
+    encoder = PerceptionEncoder(modules, preprocessor=PreprocessorConfig(), prefix_slots=prefix_slots)
     report = {
         "benchmark": "frame_perception",
         "device": device_info(device),
@@ -158,7 +219,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "frames": f"uint8 {FRAME_SIZE[0]}x{FRAME_SIZE[1]}, preprocessed on {device.type}",
         "command": "python benchmarks/frame_perception_bench.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "config": {"reps": args.reps, "warmup": args.warmup, "tolerance": args.tolerance,
-                   "cuda_graphs": encoder.graphs.graphed},
+                   "cuda_graphs": encoder.graphs.graphed, "prefix_slots": prefix_slots},
         "correctness": [], "close": [], "frame_passes": [], "errors": [],
     }
     parts = ([("correctness", n, lambda n=n: check(encoder, n, args.tolerance)) for n in args.check_sizes]

@@ -130,7 +130,7 @@ FRAME_PUSH = "dispider_frame_push_seconds"
 SLOWEST_DECISIONS = 12  # the report lists this many of a run's slowest decisions, to see when the tail happens
 SLOW_PUSH_S = 0.5  # a push whose round trip took longer is listed (when, which stream, how much in the server)
 SLOWEST_PUSHES = 12
-SIDECAR_STEP_PHASES = ("preprocess_wait", "perceive_frames", "perceive", "decide")
+SIDECAR_STEP_PHASES = ("preprocess_wait", "perceive_frames", "prefill_frames", "perceive", "decide")
 
 
 # ---- settings ------------------------------------------------------------------------------------------------------

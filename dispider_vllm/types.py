@@ -39,6 +39,28 @@ class EncodedFrame:
     data: bytes
 
 
+@dataclass
+class ClipPrefix:
+    """The compact model's K/V of a clip in progress, cached as its frames arrive (the sidecar's
+    ``frame_perception`` "prefill"): the clip's time prompt, then the raw tokens of its first ``frames`` frames.
+
+    Its first pass is plain causal and the raw tokens come before the pooled ones, so this prefix is the same
+    whenever it is computed; a clip that closes is left with its 65 pooled and global positions. ``slot`` is its
+    slot in the encoder's prefix pool (None once given back); ``broken`` after a failed pass."""
+
+    clip_index: int
+    start: float  # the time prompt's whole seconds, as the clip's window will have them when it closes
+    end: float
+    slot: int | None
+    frames: int = 0
+    broken: bool = False
+
+    def holds(self, index: int, start: float, end: float, frames: int) -> bool:
+        """Whether this prefix is that clip's whole prefix: same window and times, every frame in it."""
+        same_window = (self.clip_index, self.start, self.end) == (index, start, end)
+        return self.slot is not None and not self.broken and same_window and self.frames == frames
+
+
 @dataclass(frozen=True)
 class Clip:
     """Sixteen sampled frames, for the CLIP tower.
@@ -56,6 +78,7 @@ class Clip:
     pixels: torch.Tensor
     frame_times: tuple[float, ...] = ()
     features: torch.Tensor | None = None
+    prefix: ClipPrefix | None = None  # with ``features``: the compact model's prefix, cached as the frames came
 
     @property
     def preprocessed(self) -> bool:
@@ -65,6 +88,11 @@ class Clip:
     def perceived(self) -> bool:
         """Whether the CLIP tower has seen the frames already (``features`` set)."""
         return self.features is not None
+
+    @property
+    def prefilled(self) -> bool:
+        """Whether the compact model's pass over the time prompt and the raw tokens is done already (``prefix``)."""
+        return self.prefix is not None
 
 
 @dataclass

@@ -113,16 +113,21 @@ def build_parser() -> argparse.ArgumentParser:
                          help="with host preprocessing: threads preprocessing each sampled frame as it arrives (and "
                               "stacking a closed clip's) in the sidecar, beside the GPU's work "
                               f"(default {defaults.preprocess_workers}; 0: on the sidecar's loop)")
-    sidecar.add_argument("--frame-perception", choices=["auto", "arrival", "clip"], default=defaults.frame_perception,
+    sidecar.add_argument("--frame-perception", choices=["auto", "arrival", "prefill", "clip"],
+                         default=defaults.frame_perception,
                          help="when the CLIP tower sees a frame: arrival (soon after the frame arrives, batched with "
                               "every stream's new frames, so a closing clip is left with the compact model's pass and "
                               "the decision; needs device preprocessing; holds each clip in progress on the GPU, 8 MB "
-                              "at real shapes) or clip (over a clip's 16 frames when it closes). Default auto: arrival "
-                              "with device preprocessing, else clip")
+                              "at real shapes), prefill (experimental: as arrival, and the compact model's pass over "
+                              "the clip's time prompt and each frame's raw tokens as well, into a K/V cache per clip "
+                              "in progress, ~34 MB more per stream at real shapes; a shorter close, but slower overall "
+                              "on an H200: docs/benchmarks.md) or clip (over a clip's 16 frames when it closes). "
+                              "Default auto: arrival with device preprocessing, else clip")
     sidecar.add_argument("--sidecar-kv-slots", type=int, default=defaults.sidecar_kv_slots, metavar="N",
                          help="streams whose decision KV caches the sidecar allocates at start (default "
                               f"{defaults.sidecar_kv_slots}; about 29 MB each at real shapes; past them the pool doubles, "
-                              "which also recaptures its CUDA graphs: set it to the streams you expect)")
+                              "which also recaptures its CUDA graphs: set it to the streams you expect; with "
+                              "--frame-perception prefill the prefix pool has as many slots, ~34 MB each)")
     sidecar.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
                          help="run the sidecar's small steps eagerly instead of replaying CUDA graphs (GPU only; "
                               "DISPIDER_CUDA_GRAPHS=0 does the same)")
@@ -285,9 +290,9 @@ def _check(parser: argparse.ArgumentParser, config: ServerConfig) -> str:
                         "--frame-ring-mb": config.frame_ring_mb}.items():
         if value < 0:
             parser.error(f"{flag} must be >= 0")
-    if config.frame_perception == "arrival" and config.preprocess_on == "host":
-        parser.error("--frame-perception arrival takes frames as they came, for the GPU to preprocess: "
-                     "it does not go with --preprocess-on host")
+    if config.frame_perception in ("arrival", "prefill") and config.preprocess_on == "host":
+        parser.error(f"--frame-perception {config.frame_perception} takes frames as they came, for the GPU to "
+                     "preprocess: it does not go with --preprocess-on host")
     interval = config.switch_interval_ms
     if interval is not None and not (math.isfinite(interval) and 0.01 <= interval <= 1000):
         parser.error(f"--switch-interval must be between 0.01 and 1000 ms, not {interval:g}")

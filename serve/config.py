@@ -55,7 +55,8 @@ class ServerConfig:
     sidecar_threads: int | None = None
     preprocess_on: str = "auto"  # where frames are resized and normalised: auto (device on a GPU), device, host
     preprocess_workers: int = 4  # host: threads preprocessing frames as they arrive in the sidecar (0: on its loop)
-    frame_perception: str = "auto"  # CLIP tower per frame as it arrives or per clip as it closes: auto, arrival, clip
+    # CLIP tower (and the compact model's prefill) per frame as it arrives, or per clip: auto, arrival, prefill, clip
+    frame_perception: str = "auto"
     sidecar_kv_slots: int = 16  # streams whose decision KV caches the sidecar allocates up front
     cuda_graphs: bool = True  # the sidecar's small steps from CUDA graphs (GPU only)
     sidecar_turn_log: str | None = None  # a JSON line per sidecar turn here (latency analysis)

@@ -169,7 +169,8 @@ class _ProcessCollector(Collector):
             yield _histogram(
                 "dispider_sidecar_step_seconds", "Wall time of a batched step, by phase: preprocess_wait (clips "
                 "still on the preprocessing pool), perceive_frames (queueing the CLIP tower's pass over arrived "
-                "frames, --frame-perception arrival), perceive (encoder), decide (decision and triggers)",
+                "frames, --frame-perception arrival or prefill), prefill_frames (the compact model's pass over them, "
+                "prefill), perceive (encoder), decide (decision and triggers)",
                 {(phase,): counts for phase, counts in stats.step_seconds.items()}, labels=["phase"],
             )
         if stats.queue_wait_seconds is not None:

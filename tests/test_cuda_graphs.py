@@ -298,18 +298,22 @@ def test_graph_bench_tiny_writes_a_well_formed_report(tmp_path):
 
 
 def test_frame_perception_bench_tiny_writes_a_well_formed_report(tmp_path):
-    """benchmarks/frame_perception_bench.py --tiny: both ways agree, every close and frame pass is timed."""
+    """benchmarks/frame_perception_bench.py --tiny: the three ways agree, every close and frame pass is timed."""
     report = tiny_report("frame_perception_bench", tmp_path, "--sizes", "1,2", "--check-sizes", "1,2",
                          "--frame-batches", "1,4")
     assert report["benchmark"] == "frame_perception" and report["ok"] and report["errors"] == []
     assert [c["clips"] for c in report["correctness"]] == [1, 2]
     for check in report["correctness"]:
-        assert check["ok"] and all(check[n]["max_abs_diff"] < 1e-4 < check[n]["scale"] for n in ("raw", "memory"))
+        assert check["ok"] and set(check) == {"clips", "arrival", "prefill", "ok"}
+        for way in ("arrival", "prefill"):
+            assert all(check[way][n]["max_abs_diff"] < 1e-4 < check[way][n]["scale"] for n in ("raw", "memory"))
     assert [c["clips"] for c in report["close"]] == [1, 2]
     for close in report["close"]:
-        assert close["close_ms"]["clip"] > 0 and close["close_ms"]["arrival"] > 0
+        assert all(close["close_ms"][way] > 0 for way in ("clip", "arrival", "prefill"))
         assert close["ratio_clip_over_arrival"] == close["close_ms"]["clip"] / close["close_ms"]["arrival"]
-    assert [(p["frames"], p["pass_ms"] > 0) for p in report["frame_passes"]] == [(1, True), (4, True)]
+        assert close["ratio_arrival_over_prefill"] == close["close_ms"]["arrival"] / close["close_ms"]["prefill"]
+    assert [(p["frames"], p["pass_ms"] > 0, p["pass_with_prefill_ms"] > 0) for p in report["frame_passes"]] == [
+        (1, True, True), (4, True, True)]
 
 
 # ---- on a GPU: capture and replay -----------------------------------------------------------------------------

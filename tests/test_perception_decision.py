@@ -201,6 +201,39 @@ def test_frames_perceived_as_they_arrive_give_the_clips_features(modules, max_gr
     assert (want[1].memory - want[0].memory).abs().max() > 0.3 * want[0].memory.abs().max()
 
 
+@pytest.mark.parametrize("max_graph_clips", [8, 0], ids=["static-path", "eager-path"])
+def test_a_prefix_cached_frame_by_frame_gives_the_clips_features(modules, max_graph_clips):
+    """prefill_frames: the time prompt and each frame's raw tokens through the compact model as the frames come
+    (three clips' frames in uneven pieces, the prefixes at different lengths in one call), then each clip's last 65
+    positions (encode of Clip.prefix): the raw, M and T of the whole first pass, equal to rounding in fp32; with a
+    wrong time prompt in the prefix, not. Slots go back to the pool."""
+    from dataclasses import replace
+
+    encoder = PerceptionEncoder(modules, max_graph_clips=max_graph_clips)
+    clips = [make_clip(i, 16.0 * (i + 3), seed=30 + i) for i in range(3)]
+    with torch.inference_mode():  # each frame's merged CLIP tokens, as perceive_frames gives them
+        tokens = [list(encoder.raw_tokens(clip.pixels[None]).view(16, modules.resolution, -1)) for clip in clips]
+    perceived = [replace(clip, pixels=torch.empty(0), features=torch.stack(frames))
+                 for clip, frames in zip(clips, tokens)]
+    want = encoder.encode(perceived)
+    prefixes = [encoder.open_prefix(clip.index, clip.start, clip.end) for clip in clips]
+    wrong = encoder.open_prefix(0, clips[0].start + 1, clips[0].end + 1)  # a time prompt the clip will not have
+    for pieces in ([(0, 5), (0, 1), (0, 16)], [(5, 6), (1, 9), None], [(6, 16), (9, 16), None]):
+        encoder.prefill_frames([(prefix, tokens[i][piece[0] : piece[1]])
+                                for i, (prefix, piece) in enumerate(zip(prefixes, pieces)) if piece])
+    encoder.prefill_frames([(wrong, tokens[0])])
+    assert [p.frames for p in prefixes] == [16, 16, 16] and encoder.prefix_pool.length(prefixes[0].slot) > 16 * 64
+    got = encoder.encode([replace(clip, prefix=prefix) for clip, prefix in zip(perceived, prefixes)])
+    for name in ("raw", "memory", "indicator"):
+        for g, w in zip(got, want):
+            torch.testing.assert_close(getattr(g, name), getattr(w, name), atol=ATOL, rtol=0)
+    off = encoder.encode([replace(perceived[0], prefix=wrong)])[0]
+    assert (off.memory - want[0].memory).abs().max() > 1e-3
+    for prefix in [*prefixes, wrong, prefixes[0]]:  # twice: nothing
+        encoder.release_prefix(prefix)
+    assert sorted(encoder.prefix_pool.free) == list(range(1, encoder.prefix_pool.num_slots + 1))
+
+
 def test_encode_then_decide_end_to_end(modules):
     clips = [make_clip(i + 1, 16.0 * i, seed=10 + i) for i in range(3)]
     features = PerceptionEncoder(modules).encode(clips)

@@ -24,7 +24,7 @@ from dispider_vllm.perception.frames import decode_video, load_preprocessor_conf
 from dispider_vllm.perception.modules import PerceptionDecisionModules
 from dispider_vllm.sidecar.client import SidecarClient, SidecarConfig
 from dispider_vllm.sidecar.turn_log import read_turns
-from dispider_vllm.sidecar.engine import SidecarEngine, make_respond_policy
+from dispider_vllm.sidecar.engine import ArrivalPolicy, SidecarEngine, make_respond_policy
 from dispider_vllm.sidecar.protocol import (
     AskQuestion,
     ClipPerceived,
@@ -174,19 +174,23 @@ def test_device_preprocessing_perceives_and_decides_the_same_clips(modules, part
 
 def test_frames_perceived_as_they_arrive_give_the_same_decisions(modules, part_dir, frames):
     """frame_perception="arrival": each sampled frame through the CLIP tower soon after it comes, batched over the
-    streams; closed clips come to the encoder as their frames' tokens. Streams of two frame sizes and one cut by
-    scene (whose clips still go whole) get the clips, triggers, retrievals and logits of frame_perception="clip"; a
-    stream closed mid-clip leaves nothing behind, even to a new stream of the same id."""
+    streams; closed clips come to the encoder as their frames' tokens. "prefill": the compact model's pass over the
+    time prompt and the frames' raw tokens too, into each clip's cached prefix; closed clips come with it. Streams
+    of two frame sizes and one cut by scene (whose clips still go whole) get the clips, triggers, retrievals and
+    logits of frame_perception="clip"; a stream closed mid-clip leaves nothing behind, even to a new stream of the
+    same id, and every prefix slot is given back."""
     streams = {"a": frames, "b": _resized(frames, (200, 150)), "scene": frames, "again": frames}
     options = {"scene": StreamOptions(clip_mode="scene")}
-    rows, perceived = {}, {}
-    for mode in ("clip", "arrival"):
-        engine = new_engine(modules, part_dir, preprocess_on="device", frame_perception=mode, max_batch_clips=8)
-        encode, seen = engine.encoder.encode, perceived.setdefault(mode, [])
-        engine.encoder.encode = lambda clips: seen.extend(clip.perceived for clip in clips) or encode(clips)
+    rows, seen_by_mode = {}, {}
+    for mode in ("clip", "arrival", "prefill"):
+        engine = new_engine(modules, part_dir, preprocess_on="device", frame_perception=mode, max_batch_clips=8,
+                            arrival_policy=ArrivalPolicy(batch_frames=4))
+        encode, seen = engine.encoder.encode, seen_by_mode.setdefault(mode, [])
+        engine.encoder.encode = lambda clips: seen.extend((c.perceived, c.prefilled) for c in clips) or encode(clips)
         try:
             events = engine.handle(OpenStream("again", "What changes?"))  # closed mid-clip, then opened anew
             events += engine.handle(PushFrames("again", tuple(_resized(frames[:10], (200, 150)))))
+            events.extend(engine.step())  # its 5 sampled frames through the tower (and into its prefix)
             events += engine.handle(CloseStream("again"))
             events += [e for stream_id in streams
                        for e in engine.handle(OpenStream(stream_id, "What changes?", options.get(stream_id, StreamOptions())))]
@@ -201,20 +205,32 @@ def test_frames_perceived_as_they_arrive_give_the_same_decisions(modules, part_d
             assert not engine.streams and not engine._arrived and not engine._closing
             assert not [e for e in events if isinstance(e, StreamError)]
             passes = sum(engine.step_stats.step_seconds["perceive_frames"].counts)
-            if mode == "arrival":  # 40 sampled frames of a, b and the second "again" each; none of the first's
-                assert engine.frames_perceived_total == 120 and passes >= 3
-            else:
-                assert engine.frames_perceived_total == 0 and passes == 0
+            prefills = sum(engine.step_stats.step_seconds["prefill_frames"].counts)
+            if mode == "clip":
+                assert engine.frames_perceived_total == 0 and passes == prefills == 0
+            else:  # 40 sampled frames of a, b and the second "again" each, and the first's 5 (before its close)
+                assert engine.frames_perceived_total == 125 and passes >= 4
+                assert (prefills == passes) == (mode == "prefill") and (prefills == 0) == (mode == "arrival")
+            pool = engine.encoder.prefix_pool
+            assert (pool is not None) == (mode == "prefill")
+            if pool is not None:  # every slot back: none held by a closed stream or a decided clip
+                assert sorted(pool.free) == list(range(1, pool.num_slots + 1))
+                assert engine.features()["prefix_slots"] >= 4
         finally:
             engine.close()
     scene_clips = len(rows["clip"]["scene"])  # those of a and b came as their frames' tokens, the scene's not
-    assert perceived["clip"].count(False) == 9 + scene_clips and True not in perceived["clip"]
-    assert (perceived["arrival"].count(True), perceived["arrival"].count(False)) == (9, scene_clips)
-    assert rows["arrival"]["again"] == rows["arrival"]["a"] and rows["clip"]["again"] == rows["clip"]["a"]
+    assert seen_by_mode["clip"].count((False, False)) == 9 + scene_clips == len(seen_by_mode["clip"])
+    assert (seen_by_mode["arrival"].count((True, False)), len(seen_by_mode["arrival"])) == (9, 9 + scene_clips)
+    # a's and b's 3 full clips each and the second "again"'s with their prefix; their partial last ones without
+    assert (seen_by_mode["prefill"].count((True, True)), seen_by_mode["prefill"].count((True, False))) == (6, 3)
+    for mode in ("clip", "arrival", "prefill"):
+        assert rows[mode]["again"] == rows[mode]["a"]
     for stream_id in streams:
-        by_clip, on_arrival = rows["clip"][stream_id], rows["arrival"][stream_id]
-        assert len(by_clip) >= 2 and [r[0::2] for r in on_arrival] == [r[0::2] for r in by_clip]
-        assert max(abs(a[1] - b[1]) for a, b in zip(by_clip, on_arrival)) < 2e-3, (by_clip, on_arrival)
+        by_clip = rows["clip"][stream_id]
+        for mode in ("arrival", "prefill"):
+            on_arrival = rows[mode][stream_id]
+            assert len(by_clip) >= 2 and [r[0::2] for r in on_arrival] == [r[0::2] for r in by_clip]
+            assert max(abs(a[1] - b[1]) for a, b in zip(by_clip, on_arrival)) < 2e-3, (mode, by_clip, on_arrival)
 
 
 def test_arrived_frames_go_to_the_tower_in_batches_or_when_a_clip_closes(modules, part_dir, frames):
@@ -337,10 +353,11 @@ def test_new_question_and_close(modules, part_dir, frames):
     assert engine.handle(PushFrames("a", tuple(frames[:1])))[0].code == "unknown_stream"
 
 
-@pytest.mark.parametrize("frame_perception", ["auto", "arrival"])
+@pytest.mark.parametrize("frame_perception", ["auto", "arrival", "prefill"])
 def test_real_sidecar_process(part_dir, frames, tmp_path, frame_perception):
     """auto on the CPU: frames preprocessed on host threads, the CLIP tower at each clip's close; arrival: frames
-    preprocessed on the device and through the tower as they come (a GPU sidecar's default), same events."""
+    preprocessed on the device and through the tower as they come (a GPU sidecar's default); prefill: and through
+    the compact model's pass into each clip's cached prefix; same events."""
     turn_log = tmp_path / "turns.jsonl"
 
     async def scenario():
@@ -349,7 +366,9 @@ def test_real_sidecar_process(part_dir, frames, tmp_path, frame_perception):
         ready = await client.start(timeout=300)
         assert ready.device == "cpu"
         assert (ready.features["preprocess_on"], ready.features["frame_perception"]) == {
-            "auto": ("host", "clip"), "arrival": ("device", "arrival")}[frame_perception]
+            "auto": ("host", "clip"), "arrival": ("device", "arrival"),
+            "prefill": ("device", "prefill")}[frame_perception]
+        assert (ready.features["prefix_slots"] > 0) == (frame_perception == "prefill")
         queues = {sid: client.subscribe(sid) for sid in ("x", "y")}
         for sid in queues:
             client.send(OpenStream(sid, f"question for {sid}"))
@@ -584,8 +603,9 @@ def test_stats_report_each_steps_clips_phases_and_queue_waits(modules, part_dir,
     assert set(stats.gc_pause_seconds) == {"0", "1", "2"} and sum(stats.gc_pause_seconds["2"].counts) == 1
     assert stats.clips_total == 6 and stats.batches_total >= 3
     assert sum(stats.batch_clips.counts) == stats.batches_total and stats.batch_clips.total == 6
-    assert set(stats.step_seconds) == {"preprocess_wait", "perceive_frames", "perceive", "decide"}
+    assert set(stats.step_seconds) == {"preprocess_wait", "perceive_frames", "prefill_frames", "perceive", "decide"}
     assert sum(stats.step_seconds.pop("perceive_frames").counts) == 0  # frames go to the tower with their clips here
+    assert sum(stats.step_seconds.pop("prefill_frames").counts) == 0
     for phase, histogram in stats.step_seconds.items():
         assert sum(histogram.counts) == stats.batches_total, phase
         assert len(histogram.counts) == len(histogram.bounds) + 1 and histogram.total >= 0

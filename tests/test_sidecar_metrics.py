@@ -95,7 +95,7 @@ def test_load_report_shows_the_steps_of_its_run():
     steps = bench.server_metrics_delta(before, after)["sidecar_steps"]
     assert steps["batch_clips"]["count"] == 2 and steps["batch_clips"]["mean"] == 3.0
     assert steps["batch_clips"]["p50"] <= steps["batch_clips"]["p99"] <= 4
-    assert set(steps["step_s"]) == {"preprocess_wait", "perceive_frames", "perceive", "decide"}
+    assert set(steps["step_s"]) == {"preprocess_wait", "perceive_frames", "prefill_frames", "perceive", "decide"}
     assert steps["step_s"]["perceive"]["count"] == 2 and steps["step_s"]["perceive"]["mean"] == pytest.approx(0.5)
     assert steps["step_s"]["decide"]["mean"] == pytest.approx(0.09)
     assert steps["queue_wait_s"]["count"] == 6 and steps["queue_wait_s"]["mean"] == pytest.approx(3.8 / 6, abs=1e-4)
@@ -109,8 +109,8 @@ def test_load_report_shows_the_steps_of_its_run():
     assert pauses["sidecar"]["2"]["longest_at_most_s"] == 0.05
     # A server without the sidecar's histograms (older, or no report yet): the keys are there, empty.
     empty = bench.server_metrics_delta(None, scrape(None))
-    assert empty["sidecar_steps"] == {"batch_clips": None, "step_s": dict.fromkeys(("preprocess_wait", "perceive_frames",
-                                                                                       "perceive", "decide")),
+    assert empty["sidecar_steps"] == {"batch_clips": None, "step_s": dict.fromkeys((
+                                          "preprocess_wait", "perceive_frames", "prefill_frames", "perceive", "decide")),
                                       "queue_wait_s": None, "transit_s": None, "frame_decode_batch_s": None}
     assert empty["gc_pauses_s"] == {}
 

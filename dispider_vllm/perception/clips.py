@@ -40,7 +40,7 @@ from dispider_vllm.perception.frames import (
     validate_frame,
 )
 from dispider_vllm.perception.scenes import SceneOptions, SceneSegmenter, resample_scene
-from dispider_vllm.types import FRAMES_PER_CLIP, Clip, Frame
+from dispider_vllm.types import FRAMES_PER_CLIP, Clip, ClipPrefix, Frame
 
 ClipMode = Literal["uniform", "scene"]
 
@@ -69,6 +69,7 @@ class PerceivedFrame(Frame):
     [64, raw_dim] on the model's device (:meth:`~dispider_vllm.perception.encoder.PerceptionEncoder.perceive_frames`)."""
 
     features: Future | None = None
+    prefix: ClipPrefix | None = None  # the K/V its tokens then go into (frame_perception "prefill")
 
 
 def make_perceived_clip(window: ClipWindow) -> Clip:
@@ -199,6 +200,19 @@ class ClipAssembler:
             return [self._scene_window(scene) for scene in self._segmenter.flush()]
         return [self._close_window(partial=True)] if self._pending else []
 
+    def window_in_progress(self) -> tuple[int, float, float] | None:
+        """Uniform mode: the index and the time prompt's seconds of the window the next frame goes into, as it will
+        close once full (a partial last window, flushed, ends earlier); None by scene or before the start is known."""
+        if self._segmenter is not None or self.start is None:
+            return None
+        start, end = self._window_times(self.next_index)
+        return self.next_index, _whole_seconds(start), _whole_seconds(end)
+
+    def _window_times(self, index: int) -> tuple[float, float]:
+        seconds = self.frames_per_clip / self.fps
+        start = self.start + index * seconds
+        return start, start + seconds
+
     def _check(self, frame: Frame) -> None:
         validate_frame(frame.pixels)
         if self._last_time is not None and frame.timestamp < self._last_time:
@@ -206,9 +220,9 @@ class ClipAssembler:
 
     def _close_window(self, *, partial: bool) -> ClipWindow:
         frames, self._pending = self._pending, []
-        window = self.frames_per_clip / self.fps
-        start = self.start + self.next_index * window
-        end = frames[-1].timestamp if partial else start + window
+        start, end = self._window_times(self.next_index)
+        if partial:
+            end = frames[-1].timestamp
         frames = frames + [frames[-1]] * (self.frames_per_clip - len(frames))  # the model takes exactly 16
         return self._window(frames, start, end)
 

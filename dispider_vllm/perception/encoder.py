@@ -22,6 +22,10 @@ False): the encoder then copies the uint8 frames to its device and preprocesses 
 Or step 1 and 2 are done already, frame by frame as the frames arrived (:meth:`PerceptionEncoder.perceive_frames`;
 ``Clip.features``): a CLIP frame sees no other frame, so its tokens are the same whenever it runs, and a clip that
 closes is left with steps 3 and 4 only, about half its perception.
+Or part of step 4 too (:meth:`PerceptionEncoder.prefill_frames`; ``Clip.prefix``): the first pass is plain causal
+and the raw tokens come before the pooled ones, so the time prompt and each frame's 64 projected raw tokens go
+through the compact model as the frame arrives, into a K/V cache per clip in progress (the prefix pool, one slot a
+stream); a clip that closes is left with its 65 pooled and global positions, attending to that cache.
 """
 
 from __future__ import annotations
@@ -38,9 +42,9 @@ from torch.profiler import record_function
 
 from .. import kernels
 from ..cuda_graphs import GraphCache, StaticShapes, copy_from_host, cuda_graphs_enabled
-from ..decision.compact_lm import CompactLM
+from ..decision.compact_lm import CompactLM, KVPool
 from ..fp8 import fp8_linear, fp8_sequential
-from ..types import Clip, ClipFeatures
+from ..types import FRAMES_PER_CLIP, Clip, ClipFeatures, ClipPrefix
 from .clips import DEVICE_PREPROCESS_MAX_PIXELS
 from .frames import PreprocessorConfig, normalize_with_config, preprocess_on_device, resize_with_config
 from .modules import PerceptionDecisionModules
@@ -49,11 +53,17 @@ IMAGE_PLACEHOLDER = "<image>"
 # Frames preprocessed on the device per pass, which bounds the float intermediates (64 frames of 1280x720: 700 MB).
 PREPROCESS_FRAMES_PER_PASS = 64
 TIME_PROMPT = "This contains a clip sampled in {start} to {end} seconds" + IMAGE_PLACEHOLDER
+# Padded tokens per compact-model call of a prefill (rows x longest row), which bounds a large pass's activations.
+PREFILL_TOKENS_PER_CALL = 8192
 
 
 def time_prompt(clip: Clip) -> str:
     """The clip's time prompt; start and end are rounded to whole seconds."""
-    return TIME_PROMPT.format(start=int(round(clip.start)), end=int(round(clip.end)))
+    return time_prompt_for(clip.start, clip.end)
+
+
+def time_prompt_for(start: float, end: float) -> str:
+    return TIME_PROMPT.format(start=int(round(start)), end=int(round(end)))
 
 
 def merge_neighbours(patches: torch.Tensor, factor: int = 2) -> torch.Tensor:
@@ -155,7 +165,7 @@ class PerceptionEncoder:
     def __init__(self, modules: PerceptionDecisionModules, *, max_frames_per_batch: int = 256,
                  max_clips_per_pass: int = 16, raw_device: str | torch.device = "cpu", lm: CompactLM | None = None,
                  cuda_graphs: bool = True, max_graph_clips: int = 8, fp8: bool = False,
-                 preprocessor: PreprocessorConfig | None = None):
+                 preprocessor: PreprocessorConfig | None = None, prefix_slots: int = 0):
         self.modules = modules
         self.preprocessor = preprocessor or PreprocessorConfig()
         self.lm = lm or CompactLM(modules.language_model, fp8=fp8)
@@ -179,6 +189,8 @@ class PerceptionEncoder:
         self._clip_linears = [self._layer_linears(layer, fp8) for layer in self._tower.encoder.layers]
         # fp8: the CLIP layers' and the projector's matmuls with FP8 weights (dispider_vllm/fp8.py).
         self._projector = fp8_sequential(modules.mm_projector) if fp8 else modules.mm_projector
+        # K/V of the clips in progress (prefill_frames); made on first use unless sized here.
+        self.prefix_pool: KVPool | None = self._new_prefix_pool(prefix_slots) if prefix_slots else None
 
     @staticmethod
     def _layer_linears(layer, fp8: bool) -> _ClipLinears:
@@ -191,17 +203,114 @@ class PerceptionEncoder:
 
     @torch.inference_mode()
     def encode(self, clips: Sequence[Clip]) -> list[ClipFeatures]:
-        """The clips' (raw, M, T), in order. Clips whose frames were perceived already and clips of pixels go in
-        separate passes (one takes the CLIP tower, the other does not)."""
-        perceived = [index for index, clip in enumerate(clips) if clip.perceived]
-        if not perceived or len(perceived) == len(clips):
+        """The clips' (raw, M, T), in order. Clips of pixels, clips whose frames were perceived already and clips
+        whose prefix is cached go in separate passes (the CLIP tower and the whole first pass; the first pass;
+        its last 65 positions)."""
+        groups: dict[str, list[int]] = {}
+        for index, clip in enumerate(clips):
+            groups.setdefault(_work_left(clip), []).append(index)
+        if len(groups) == 1:
             return self._encode_alike(clips)
         features: list[ClipFeatures | None] = [None] * len(clips)
-        others = [index for index, clip in enumerate(clips) if not clip.perceived]
-        for group in (perceived, others):
+        for group in groups.values():
             for index, feature in zip(group, self._encode_alike([clips[i] for i in group])):
                 features[index] = feature
         return features
+
+    # ---- the compact model's prefix, cached as the frames arrive ------------------------------------------------
+    def open_prefix(self, clip_index: int, start: float, end: float) -> ClipPrefix:
+        """A slot of the prefix pool for the clip about to start (its time prompt's seconds as it will close)."""
+        if self.prefix_pool is None:
+            self.prefix_pool = self._new_prefix_pool(4)
+        return ClipPrefix(clip_index, start, end, slot=self.prefix_pool.allocate())
+
+    def release_prefix(self, prefix: ClipPrefix) -> None:
+        """Give the prefix's slot back (again: nothing)."""
+        if prefix.slot is not None:
+            self.prefix_pool.release(prefix.slot)
+            prefix.slot = None
+
+    @torch.inference_mode()
+    def prefill_frames(self, items: Sequence[tuple[ClipPrefix, Sequence[torch.Tensor]]]) -> None:
+        """Each prefix's next frames (their merged CLIP tokens [64, raw_dim], in order) through the compact model
+        into the prefix's K/V, after the time prompt when the prefix is empty: one row per prefix, rows of many
+        streams in a few calls. If any of it fails, every prefix given is marked broken (their clips then go whole)
+        and the error is raised."""
+        live = [(prefix, frames) for prefix, frames in items if prefix.slot is not None and not prefix.broken]
+        try:
+            self._prefill_rows(live)
+        except Exception:
+            for prefix, _ in live:
+                prefix.broken = True
+            raise
+
+    def _prefill_rows(self, live: Sequence[tuple[ClipPrefix, Sequence[torch.Tensor]]]) -> None:
+        if not live:
+            return
+        with record_function("perception.prefill_project"):
+            projected = self._projector(torch.cat([torch.stack(list(frames)) for _, frames in live]).flatten(0, 1))
+            texts = iter(self.lm.embed_many([self._prompt_before(prefix) for prefix, _ in live if not prefix.frames]))
+            rows, first = [], 0
+            for prefix, frames in live:
+                last = first + len(frames) * self.modules.resolution
+                tokens = projected[first:last]
+                rows.append(tokens if prefix.frames else torch.cat([next(texts), tokens]))
+                first = last
+        with record_function("perception.prefill"):
+            for call in self._prefill_calls([prefix for prefix, _ in live], [len(row) for row in rows]):
+                self.lm.forward_cached(self.prefix_pool, [live[i][0].slot for i in call], [rows[i] for i in call],
+                                       [len(rows[i]) for i in call])
+                for i in call:
+                    live[i][0].frames += len(live[i][1])
+
+    def _prefill_calls(self, prefixes: Sequence[ClipPrefix], lengths: Sequence[int]) -> list[list[int]]:
+        """Rows (indices) in calls that keep each call's longest prefix plus longest row (rounded as a graph rounds
+        it) within the pool's capacity, and its padded tokens within PREFILL_TOKENS_PER_CALL."""
+        pool, multiple = self.prefix_pool, self.lm.graph_shapes.length_multiple
+        order = sorted(range(len(prefixes)), key=lambda i: pool.length(prefixes[i].slot))
+        calls: list[list[int]] = []
+        longest_prefix = longest_row = 0
+        for i in order:
+            prefix, row = pool.length(prefixes[i].slot), -(-lengths[i] // multiple) * multiple
+            grown_prefix, grown_row = max(longest_prefix, prefix), max(longest_row, row)
+            if not calls or grown_prefix + grown_row > pool.capacity \
+                    or (len(calls[-1]) + 1) * grown_row > PREFILL_TOKENS_PER_CALL:
+                calls.append([])
+                grown_prefix, grown_row = prefix, row
+            calls[-1].append(i)
+            longest_prefix, longest_row = grown_prefix, grown_row
+        return calls
+
+    def _prompt_before(self, prefix: ClipPrefix) -> list[int]:
+        return self._split_prompt(time_prompt_for(prefix.start, prefix.end))[0]
+
+    def _new_prefix_pool(self, slots: int) -> KVPool:
+        """Slots long enough for the longest time prompt, a clip's raw tokens and its padded last positions."""
+        frames, multiple = FRAMES_PER_CLIP, self.lm.graph_shapes.length_multiple
+        longest_prompt = len(self._prompt_before(ClipPrefix(0, 999_984.0, 1_000_000.0, None)))
+        last = -(-(self._image_tokens(frames) - frames * self.modules.resolution) // multiple) * multiple
+        capacity = -(-(longest_prompt + frames * self.modules.resolution + last + multiple) // multiple) * multiple
+        return self.lm.new_pool(slots=slots, capacity=capacity, growth_multiple=multiple)
+
+    def capture_prefill_graphs(self) -> int:
+        """Capture the prefix pool's graphs (rows x row length) now, on slots taken and given back, as
+        DecisionEngine.capture_graphs does for the decision's; returns the graphs alive."""
+        lm = self.lm
+        if not lm.graphs.graphed:
+            return 0
+        if self.prefix_pool is None:
+            self.prefix_pool = self._new_prefix_pool(4)
+        rows = lm.graph_shapes.batch_buckets()
+        slots = [self.prefix_pool.allocate() for _ in range(max(rows))]
+        try:
+            for length in lm.graph_shapes.length_buckets():
+                row = torch.zeros(length, lm.hidden_size, dtype=lm.dtype, device=lm.device)
+                for count in rows:
+                    lm.forward_cached(self.prefix_pool, slots[:count], [row] * count, [0] * count)
+        finally:
+            for slot in slots:
+                self.prefix_pool.release(slot)
+        return len(lm.graphs)
 
     @torch.inference_mode()
     def perceive_frames(self, frames: Sequence[np.ndarray]) -> list[torch.Tensor]:
@@ -265,6 +374,8 @@ class PerceptionEncoder:
         return features
 
     def _launch_chunk(self, clips: Sequence[Clip]) -> _LaunchedChunk:
+        if clips[0].prefilled:
+            return self._launch_prefilled(clips)
         pieces = [self._split_prompt(time_prompt(clip)) for clip in clips]
         bucket = self.perception_bucket(clips, pieces)
         if bucket is not None:
@@ -279,6 +390,22 @@ class PerceptionEncoder:
         with record_function("perception.raw_to_host"):
             raw, copied = self._start_raw_copy(raw)
         return _LaunchedChunk(clips, raw, memory, indicator, copied)
+
+    def _launch_prefilled(self, clips: Sequence[Clip]) -> _LaunchedChunk:
+        """Clips whose time prompt and raw tokens are in their prefix's K/V: the pooled and global tokens (and any
+        prompt text after the image) after it, committing nothing; M and T are read off those positions."""
+        with record_function("perception.project"):
+            features = torch.stack([clip.features for clip in clips])  # [N, 16, 64, raw_dim]
+            last = self._projector(pool_tokens(features, self.modules.pool_num))  # [N, 16 * pool_num + 1, H]
+            after = [self._split_prompt(time_prompt(clip))[1] for clip in clips]
+            rows = [torch.cat([tokens, self.lm.embed(ids)]) if ids else tokens for tokens, ids in zip(last, after)]
+        with record_function("perception.first_pass"):
+            hidden = self.lm.forward_cached(self.prefix_pool, [clip.prefix.slot for clip in clips], rows,
+                                            [0] * len(clips))
+        pooled = last.shape[1] - 1
+        with record_function("perception.raw_to_host"):
+            raw, copied = self._start_raw_copy(features.flatten(1, 2))
+        return _LaunchedChunk(clips, raw, hidden[:, :pooled], hidden[:, pooled], copied)
 
     # ---- the static-shape (graph) path ----------------------------------------------------------------------
     def capture_graphs(self, clip_shape: tuple[int, ...], clip_starts: Sequence[float] = (0.0, 99_984.0), *,
@@ -513,6 +640,11 @@ class PerceptionEncoder:
         if len(parts) != 2:
             raise ValueError(f"a time prompt needs exactly one {IMAGE_PLACEHOLDER}: {prompt!r}")
         return self.modules.token_ids(parts[0]), self.modules.token_ids(parts[1]) if parts[1] else []
+
+
+def _work_left(clip: Clip) -> str:
+    """What a clip still needs: its prefix's last positions, the first pass, or the CLIP tower and the pass."""
+    return "prefix" if clip.prefilled else "pass" if clip.perceived else "tower"
 
 
 def _perceived_raw(clips: Sequence[Clip]) -> torch.Tensor:

@@ -52,7 +52,9 @@ class SidecarConfig:
     threads: int | None = None  # torch CPU threads in the sidecar process
     preprocess_on: str = "auto"  # "device": frames resized and normalised on the sidecar's GPU; "host": on threads
     preprocess_workers: int = 4  # host: threads preprocessing frames as they arrive, beside the GPU's work (0: inline)
-    frame_perception: str = "auto"  # "arrival": each frame through the CLIP tower as it comes; "clip": at the clip's close
+    # "arrival": each frame through the CLIP tower as it comes; "prefill": and through the compact model's pass into
+    # its clip's cached prefix; "clip": the tower at the clip's close
+    frame_perception: str = "auto"
     kv_slots: int = 16  # streams whose decision KV caches are allocated up front (the pool doubles past them)
     cuda_graphs: bool = True  # small steps replayed from CUDA graphs on a GPU (dispider_vllm/cuda_graphs.py)
     turn_log: str | None = None  # a JSON line per turn of the loop here (dispider_vllm/sidecar/turn_log.py)

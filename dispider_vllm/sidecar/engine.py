@@ -14,6 +14,9 @@ uint8 frames, and the encoder resizes and normalises them on the GPU, batched wi
 With ``frame_perception="arrival"`` (on top of device preprocessing) each sampled frame also goes through the CLIP
 tower soon after it arrives, batched with every stream's frames of that moment, so a closing clip is left with the
 compact model's pass and the decision: about half the work between its last frame and its decision.
+With ``frame_perception="prefill"`` the compact model's pass also runs as the frames arrive, over the clip's time
+prompt and each frame's raw tokens, into a K/V cache per clip in progress; a closing clip is left with its last
+frame's tower and prefill, 65 positions of the pass, and the decision.
 """
 
 from __future__ import annotations
@@ -65,7 +68,7 @@ from dispider_vllm.sidecar.protocol import (
     StreamOptions,
     Triggered,
 )
-from dispider_vllm.types import FRAMES_PER_CLIP, Clip, DecisionEvent, EncodedFrame, Frame, Trigger
+from dispider_vllm.types import FRAMES_PER_CLIP, Clip, ClipPrefix, DecisionEvent, EncodedFrame, Frame, Trigger
 
 log = logging.getLogger("dispider.sidecar")
 
@@ -74,9 +77,9 @@ log = logging.getLogger("dispider.sidecar")
 BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.4, 0.6, 0.8, 1.0, 1.25,
                    1.5, 2.0, 3.0, 5.0, 10.0, 30.0, 60.0, 120.0)
-STEP_PHASES = ("preprocess_wait", "perceive_frames", "perceive", "decide")
+STEP_PHASES = ("preprocess_wait", "perceive_frames", "prefill_frames", "perceive", "decide")
 PREPROCESS_PLACES = ("host", "device")
-FRAME_PERCEPTIONS = ("clip", "arrival")
+FRAME_PERCEPTIONS = ("clip", "arrival", "prefill")
 
 
 @dataclass(frozen=True)
@@ -139,6 +142,7 @@ class StreamState:
     assembler: ClipAssembler
     ready: deque[PendingClip] = field(default_factory=deque)
     perceives_on_arrival: bool = False  # its frames go through the CLIP tower as they come
+    prefix: ClipPrefix | None = None  # the clip in progress's cached prefix ("prefill")
     received_at: dict[int, float] = field(default_factory=dict)  # clip index -> when its last frame came
     end_requested: bool = False
     clips_closed: int = 0
@@ -163,6 +167,11 @@ def make_respond_policy(every: int | None, probability: float | None) -> Callabl
     if probability is not None:
         return lambda stream_id, clip_index: random.Random(f"{stream_id}:{clip_index}").random() < probability
     return None
+
+
+def _failed(pending: PendingClip) -> bool:
+    """Whether a done clip's preprocessing raised (or was cancelled)."""
+    return isinstance(pending.clip, Future) and (pending.clip.cancelled() or pending.clip.exception() is not None)
 
 
 def decode_push(command: PushEncoded) -> PushFrames | StreamError:
@@ -195,9 +204,11 @@ class SidecarEngine:
     ) -> None:
         """``preprocess_on``: "host" (the CPU resizes and normalises each frame) or "device" (the encoder does,
         on the model's device; the host only stacks a clip's uint8 frames, inline, and no pool runs).
-        ``frame_perception``: "clip" (the CLIP tower runs over a clip's 16 frames when it closes) or "arrival"
+        ``frame_perception``: "clip" (the CLIP tower runs over a clip's 16 frames when it closes), "arrival"
         (over each frame soon after it arrives, when ``arrival_policy`` says; needs ``preprocess_on="device"``; clips
-        cut by scene still go whole, as their 16 frames are chosen only when the scene ends).
+        cut by scene still go whole, as their 16 frames are chosen only when the scene ends) or "prefill" (as
+        "arrival", and each frame's raw tokens through the compact model too, into its clip's cached prefix; the
+        prefix pool has as many slots as the decision's, ``decision_config.initial_kv_slots``, to start with).
         ``preprocess_workers``: threads preprocessing frames on the host; 0 (the default): inline, in
         ``handle``, so which clips a step finds ready does not depend on timing (the sidecar process uses a pool).
         ``preprocess_wait_s``: how long a step waits at most for clips still being preprocessed (see ``step``).
@@ -209,8 +220,9 @@ class SidecarEngine:
             raise ValueError(f"preprocess_on is one of {PREPROCESS_PLACES}, not {preprocess_on!r}")
         if frame_perception not in FRAME_PERCEPTIONS:
             raise ValueError(f"frame_perception is one of {FRAME_PERCEPTIONS}, not {frame_perception!r}")
-        if frame_perception == "arrival" and preprocess_on != "device":
-            raise ValueError("frame_perception='arrival' takes the frames as they came: it needs preprocess_on='device'")
+        if frame_perception != "clip" and preprocess_on != "device":
+            raise ValueError(f"frame_perception={frame_perception!r} takes the frames as they came: it needs "
+                             "preprocess_on='device'")
         self.frame_perception = frame_perception
         self.arrival_policy = arrival_policy or ArrivalPolicy()
         self._arrived: deque[tuple[float, StreamState, PerceivedFrame]] = deque()  # (monotonic, ...), oldest first
@@ -219,8 +231,10 @@ class SidecarEngine:
         self.modules = modules
         self.preprocessor = preprocessor or PreprocessorConfig()
         self.preprocess_on = preprocess_on
-        self.encoder = PerceptionEncoder(modules, cuda_graphs=cuda_graphs, fp8=fp8, preprocessor=self.preprocessor)
         decision_config = replace(decision_config or DecisionConfig(), fp8=fp8)
+        prefix_slots = decision_config.initial_kv_slots if frame_perception == "prefill" else 0
+        self.encoder = PerceptionEncoder(modules, cuda_graphs=cuda_graphs, fp8=fp8, preprocessor=self.preprocessor,
+                                         prefix_slots=prefix_slots)
         self.decision = DecisionEngine(modules, decision_config, force_respond=respond_policy)
         self.max_batch_clips = max_batch_clips
         self.streams: OrderedDict[str, StreamState] = OrderedDict()
@@ -244,8 +258,10 @@ class SidecarEngine:
         decode), so no live step stalls on a capture; what was captured and how long it took."""
         started = time.monotonic()
         clip_shape = (FRAMES_PER_CLIP, 3, self.preprocessor.crop_height, self.preprocessor.crop_width)
-        captured = {"perception": self.encoder.capture_graphs(clip_shape, perceived=self.frame_perception == "arrival"),
+        captured = {"perception": self.encoder.capture_graphs(clip_shape, perceived=self.frame_perception != "clip"),
                     "decision": self.decision.capture_graphs()}
+        if self.frame_perception == "prefill":
+            captured["prefill"] = self.encoder.capture_prefill_graphs()
         self.graphs_captured = {**captured, "seconds": round(time.monotonic() - started, 2)}
         return self.graphs_captured
 
@@ -257,6 +273,7 @@ class SidecarEngine:
                 "frame_perception": self.frame_perception,
                 "preprocess_workers": self.preprocess_workers,
                 "kv_slots": self.decision.pool.num_slots, "graphs_captured_at_start": self.graphs_captured,
+                "prefix_slots": self.encoder.prefix_pool.num_slots if self.encoder.prefix_pool else 0,
                 "max_kept_clips": self.decision.config.max_kept_clips,
                 "kept_clips_budget_bytes": self.decision.config.kept_clips_budget_bytes,
                 "kept_clip_bytes": clip_bytes_at_shapes(self.modules),  # one 16-frame clip: raw + M + T
@@ -299,7 +316,7 @@ class SidecarEngine:
             ),
             # Scene clips pick their 16 frames when the scene ends, out of however many it had: each frame through
             # the tower as it came would cost more and hold GPU memory for the whole scene.
-            perceives_on_arrival=self.frame_perception == "arrival" and options.clip_mode == "uniform",
+            perceives_on_arrival=self.frame_perception != "clip" and options.clip_mode == "uniform",
         )
         self.decision.open(command.stream_id, command.question)
         return []
@@ -330,21 +347,33 @@ class SidecarEngine:
         sampled_frames = stream.sampler.push(frame)
         if stream.assembler.start is None:
             stream.assembler.start = stream.sampler.start  # windows start where the stream's time starts
-        windows = [window for sampled in sampled_frames
-                   for window in stream.assembler.push_windows(self._prepare(stream, sampled))]
+        windows: list[ClipWindow] = []
+        for sampled in sampled_frames:
+            prepared = self._prepare(stream, sampled)
+            windows += stream.assembler.push_windows(prepared)
+            if isinstance(prepared, PerceivedFrame):  # taken by its window: now the tower (and prefill) may have it
+                self._arrived.append((time.monotonic(), stream, prepared))
         stream.clips_closed += len(windows)
         return windows
 
     def _prepare(self, stream: StreamState, frame: Frame) -> Frame:
         """The sampled frame, its preprocessing started (on the pool, or done here without one); as it is when the
-        device preprocesses it; queued for the CLIP tower when the stream's frames go there as they come."""
+        device preprocesses it; for the CLIP tower when the stream's frames go there as they come (with the prefix
+        of the clip it goes into, when that is cached as well)."""
         if stream.perceives_on_arrival:
-            perceived = PerceivedFrame(frame.timestamp, frame.pixels, Future())
-            self._arrived.append((time.monotonic(), stream, perceived))
-            return perceived
+            prefix = self._prefix_in_progress(stream) if self.frame_perception == "prefill" else None
+            return PerceivedFrame(frame.timestamp, frame.pixels, Future(), prefix)
         if self.preprocess_on == "device":
             return frame
         return PreparedFrame(frame.timestamp, frame.pixels, self._run(prepare_frame_pixels, frame, self.preprocessor))
+
+    def _prefix_in_progress(self, stream: StreamState) -> ClipPrefix:
+        """The cached prefix of the clip the stream's next frame goes into, opened with its first frame (the previous
+        clip's stays with that clip until its step)."""
+        index, start, end = stream.assembler.window_in_progress()
+        if stream.prefix is None or stream.prefix.clip_index != index:
+            stream.prefix = self.encoder.open_prefix(index, start, end)
+        return stream.prefix
 
     def _preprocess(self, stream: StreamState, window: ClipWindow) -> Future:
         """The window's Clip, made on the pool (or here, done already, without one); a failure stays in the Future.
@@ -375,8 +404,12 @@ class SidecarEngine:
     def _close(self, stream_id: str) -> list[Event]:
         stream = self.streams.pop(stream_id)
         for pending in stream.ready:
-            if isinstance(pending.clip, Future):
+            if isinstance(pending.clip, Future) and not pending.clip.done():
                 pending.clip.cancel()  # nobody will take it
+            elif pending.done() and not _failed(pending) and pending.resolve().prefix is not None:
+                self.encoder.release_prefix(pending.clip.prefix)
+        if stream.prefix is not None:  # the clip in progress's; windows still closing give theirs back in their turn
+            self.encoder.release_prefix(stream.prefix)
         self.decision.close(stream_id)
         return [StreamEnded(stream_id, "closed", stream.clips_decided)]
 
@@ -418,6 +451,10 @@ class SidecarEngine:
             except Exception as error:  # noqa: BLE001 - a failed batch must not stop the other streams' work
                 log.exception("sidecar batch of %d clips failed", len(batch))
                 events = self._batch_failed(batch, error)
+            finally:
+                for _, pending in batch:
+                    if pending.clip.prefix is not None:
+                        self.encoder.release_prefix(pending.clip.prefix)
         events.extend(failed)
         events.extend(self._finished_streams())
         return events
@@ -446,21 +483,62 @@ class SidecarEngine:
                     frame.features.set_result(frame_tokens)
             self.frames_perceived_total += len(taken)
             self.step_stats.step_seconds["perceive_frames"].observe(time.monotonic() - started)
+            self._prefill(taken)
         self._close_perceived_windows()
+
+    def _prefill(self, frames: list[PerceivedFrame]) -> None:
+        """The frames' tokens into their clips' cached prefixes, each prefix's frames in the order they came. A
+        frame whose tower pass failed breaks its prefix; a failed prefill breaks those of its pass: those clips
+        then go whole at their close."""
+        by_prefix: dict[int, tuple[ClipPrefix, list]] = {}
+        for frame in frames:
+            if frame.prefix is None:
+                continue
+            if frame.features.exception() is not None:
+                frame.prefix.broken = True
+                continue
+            by_prefix.setdefault(id(frame.prefix), (frame.prefix, []))[1].append(frame.features.result())
+        if not by_prefix:
+            return
+        started = time.monotonic()
+        try:
+            self.encoder.prefill_frames(list(by_prefix.values()))
+        except Exception:  # noqa: BLE001 - the prefixes are broken; their clips still have their frames' tokens
+            log.exception("the compact model's prefill of %d streams' frames failed", len(by_prefix))
+        self.step_stats.step_seconds["prefill_frames"].observe(time.monotonic() - started)
 
     def _close_perceived_windows(self) -> None:
         waiting: deque[tuple[StreamState, ClipWindow, Future]] = deque()
         for stream, window, clip in self._closing:
             if not self._is_open(stream):
                 clip.cancel()
+                self._release_window_prefix(window)
             elif all(frame.features.done() for frame in window.frames):
                 try:
-                    clip.set_result(make_perceived_clip(window))
+                    clip.set_result(self._with_prefix(make_perceived_clip(window), window))
                 except Exception as error:  # noqa: BLE001 - the stream's error when the clip's turn comes
+                    self._release_window_prefix(window)
                     clip.set_exception(error)
             else:
                 waiting.append((stream, window, clip))
         self._closing = waiting
+
+    def _with_prefix(self, clip: Clip, window: ClipWindow) -> Clip:
+        """The clip with its cached prefix when that holds the clip's whole prefix (the last frame's prefill is
+        done by now); otherwise the prefix goes back and the clip takes the whole first pass (a partial last
+        window, a broken prefix)."""
+        prefix = getattr(window.frames[-1], "prefix", None)
+        if prefix is None:
+            return clip
+        if prefix.holds(window.index, window.start, window.end, len(window.frames)):
+            return replace(clip, prefix=prefix)
+        self.encoder.release_prefix(prefix)
+        return clip
+
+    def _release_window_prefix(self, window: ClipWindow) -> None:
+        prefix = getattr(window.frames[-1], "prefix", None)
+        if prefix is not None:
+            self.encoder.release_prefix(prefix)
 
     def _is_open(self, stream: StreamState) -> bool:
         """Still this engine's stream (not closed, nor closed and its id opened again)."""
@@ -574,6 +652,8 @@ class SidecarEngine:
         for stream_id, stream in list(self.streams.items()):
             if stream.finished:
                 self.streams.pop(stream_id)
+                if stream.prefix is not None:  # opened for a frame that was then refused: no window took it
+                    self.encoder.release_prefix(stream.prefix)
                 self.decision.close(stream_id)
                 events.append(StreamEnded(stream_id, "end_of_stream", stream.clips_decided))
         return events

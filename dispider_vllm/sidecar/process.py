@@ -106,7 +106,7 @@ def preprocess_place(config: SidecarConfig) -> str:
     overlap the CPU's model work."""
     if config.preprocess_on != "auto":
         return config.preprocess_on
-    return "device" if config.device.startswith("cuda") or config.frame_perception == "arrival" else "host"
+    return "device" if config.device.startswith("cuda") or config.frame_perception in ("arrival", "prefill") else "host"
 
 
 def frame_perception(config: SidecarConfig) -> str:
