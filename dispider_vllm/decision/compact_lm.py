@@ -276,6 +276,25 @@ class CompactLM:
             pool.lengths[slot] += int(kept)
         return hidden
 
+    @torch.inference_mode()
+    def capture_cached_graphs(self, pool: KVPool, *, without_graphs: bool = False) -> int:
+        """Capture the cached forward's graph of every bucket (rows x suffix length) now, on slots borrowed from
+        ``pool`` and given back, committing nothing; returns the graphs alive. ``without_graphs``: run the passes
+        even where nothing is captured (the CPU tests of this warm-up)."""
+        if not (self.graphs.graphed or without_graphs):
+            return 0
+        rows = self.graph_shapes.batch_buckets()
+        slots = [pool.allocate() for _ in range(max(rows))]  # all first: a growth now would drop captures
+        try:
+            for length in self.graph_shapes.length_buckets():
+                suffix = torch.zeros(length, self.hidden_size, dtype=self.dtype, device=self.device)
+                for count in rows:
+                    self.forward_cached(pool, slots[:count], [suffix] * count, [0] * count)
+        finally:
+            for slot in slots:
+                pool.release(slot)
+        return len(self.graphs)
+
     def decision_bucket(self, batch: int, length: int, longest_prefix: int) -> DecisionBucket | None:
         """The static shape a cached forward of ``batch`` rows of at most ``length`` suffix tokens runs in, or None
         when it runs eagerly (graphs off, too many rows, too long a suffix, or past the position limit)."""

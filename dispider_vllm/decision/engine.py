@@ -293,20 +293,7 @@ class DecisionEngine:
         the pool and given back, committing nothing; returns the graphs alive. A pool that grows later (more
         streams than ``initial_kv_slots``, or longer prefixes) drops them, and they are captured again on use.
         ``without_graphs``: run the passes even where nothing is captured (the CPU tests of this warm-up)."""
-        lm = self.lm
-        if not (lm.graphs.graphed or without_graphs):
-            return 0
-        rows = lm.graph_shapes.batch_buckets()
-        slots = [self.pool.allocate() for _ in range(max(rows))]  # all first: a growth now would drop captures
-        try:
-            for length in lm.graph_shapes.length_buckets():
-                suffix = torch.zeros(length, lm.hidden_size, dtype=lm.dtype, device=lm.device)
-                for count in rows:
-                    lm.forward_cached(self.pool, slots[:count], [suffix] * count, [0] * count)
-        finally:
-            for slot in slots:
-                self.pool.release(slot)
-        return len(lm.graphs)
+        return self.lm.capture_cached_graphs(self.pool, without_graphs=without_graphs)
 
     # ---- triggers -----------------------------------------------------------------------------------------
     def _trigger(self, decided: list[_Decided]) -> list[Trigger]:

@@ -293,24 +293,13 @@ class PerceptionEncoder:
         return self.lm.new_pool(slots=slots, capacity=capacity, growth_multiple=multiple)
 
     def capture_prefill_graphs(self) -> int:
-        """Capture the prefix pool's graphs (rows x row length) now, on slots taken and given back, as
-        DecisionEngine.capture_graphs does for the decision's; returns the graphs alive."""
-        lm = self.lm
-        if not lm.graphs.graphed:
+        """Capture the prefix pool's graphs (rows x row length) now (CompactLM.capture_cached_graphs); returns the
+        graphs alive."""
+        if not self.lm.graphs.graphed:
             return 0
         if self.prefix_pool is None:
             self.prefix_pool = self._new_prefix_pool(4)
-        rows = lm.graph_shapes.batch_buckets()
-        slots = [self.prefix_pool.allocate() for _ in range(max(rows))]
-        try:
-            for length in lm.graph_shapes.length_buckets():
-                row = torch.zeros(length, lm.hidden_size, dtype=lm.dtype, device=lm.device)
-                for count in rows:
-                    lm.forward_cached(self.prefix_pool, slots[:count], [row] * count, [0] * count)
-        finally:
-            for slot in slots:
-                self.prefix_pool.release(slot)
-        return len(lm.graphs)
+        return self.lm.capture_cached_graphs(self.prefix_pool)
 
     @torch.inference_mode()
     def perceive_frames(self, frames: Sequence[np.ndarray]) -> list[torch.Tensor]:
