@@ -37,7 +37,7 @@ import torch
 from dispider_vllm.decision.engine import DecisionConfig
 from dispider_vllm.perception.encoder import merge_neighbours, pool_tokens, time_prompt
 from dispider_vllm.perception.modules import PerceptionDecisionModules
-from dispider_vllm.sidecar.engine import PendingClip, SidecarEngine
+from dispider_vllm.sidecar.engine import SidecarEngine
 from dispider_vllm.sidecar.protocol import OpenStream, Triggered
 from dispider_vllm.types import Clip
 
@@ -76,9 +76,8 @@ def run_ours(modules, pixels, args, device, *, fp8: bool = False, profile: bool 
     warmup = args.history
     for round_index in range(warmup + args.rounds):  # warm-up rounds build each stream's history
         now = time.time()
-        for stream in engine.streams.values():
-            stream.ready.append(PendingClip(make_clip(round_index, pixels), now))
-            stream.clips_closed += 1
+        for stream_id in engine.streams:
+            engine.submit_clip(stream_id, make_clip(round_index, pixels), now)
         sync(device)
         started = time.perf_counter()
         while engine.has_work():
@@ -157,9 +156,8 @@ def profile_steps(engine, pixels, args, device) -> None:
     from torch.profiler import ProfilerActivity, profile
 
     now = time.time()
-    for stream in engine.streams.values():
-        stream.ready.append(PendingClip(make_clip(10_000, pixels), now))
-        stream.clips_closed += 1
+    for stream_id in engine.streams:
+        engine.submit_clip(stream_id, make_clip(10_000, pixels), now)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities, record_shapes=False) as prof:
         while engine.has_work():

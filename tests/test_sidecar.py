@@ -73,6 +73,8 @@ def new_engine(modules, part_dir, *, respond_every: int = 2, **kwargs) -> Sideca
 def run_until_idle(engine: SidecarEngine, events: list) -> list:
     while engine.has_work():
         events.extend(engine.step())
+        # the engine counts its waiting clips beside the streams' queues: the count must not drift from them
+        assert engine.pending_clips() == sum(len(stream.ready) for stream in engine.streams.values())
     return events
 
 
