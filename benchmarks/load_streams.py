@@ -1065,6 +1065,9 @@ def judge_realtime(summary: dict, logs: list[StreamLog], config: LoadConfig) -> 
         reasons.append(f"p99 time to first token {p99_ttft:.2f} s > {config.max_p99_ttft_s:g} s")
     if p99_ttft is None:
         notes.append("no answers to time (start the server with --respond-every N for forced answers)")
+    # The percentiles time only the answers that came: one that never did must not pass for a fast one.
+    if responses["silent_or_lost"]:
+        reasons.append(f"{responses['silent_or_lost']} of {responses['triggers']} answers never came")
     if decisions["count"] < decisions["expected"]:
         reasons.append(f"{decisions['expected'] - decisions['count']} clips were never decided")
     if summary["errors"]["events"] or summary["errors"]["failed_streams"]:

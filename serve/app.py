@@ -125,7 +125,6 @@ def make_backends(config: ServerConfig, parts: ModelParts) -> Backends:
         cpu_kv_cache_gib=config.cpu_kv_cache_gib,
         scheduling_policy=config.scheduling_policy,
         mps_client_priority=config.reaction_mps_priority,
-        mps_sm_percent=config.reaction_sm_percent,
         quantization=config.quantization,
     ))
     return Backends(sidecar, engine, placement)

@@ -94,11 +94,6 @@ def build_parser() -> argparse.ArgumentParser:
                         help="when the sidecar shares the reaction's GPU under a CUDA MPS daemon: the reaction's "
                              "client priority (default below_normal: perception and decision kernels go first; "
                              "the sidecar always runs at normal). Without MPS it does nothing (README: GPUs)")
-    engine.add_argument("--reaction-sm-percent", type=int, default=defaults.reaction_sm_percent, metavar="P",
-                        help="under a CUDA MPS daemon: the reaction's kernels spread over at most P%% of the GPU's "
-                             "SMs (CUDA_MPS_ACTIVE_THREAD_PERCENTAGE for vLLM's process), leaving the rest to the "
-                             "sidecar's whatever the answers' prefills take; default: all. Without MPS it does "
-                             "nothing")
     engine.add_argument("--quantization", choices=["fp8"],
                         help="fp8: the reaction model's weights and activations in FP8 (vLLM's online dynamic FP8 "
                              "of the bf16 checkpoint; a GPU of compute capability 8.9+, e.g. H100/H200, L40S). "
@@ -261,7 +256,6 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         switch_interval_ms=args.switch_interval, decode_frames_in=args.decode_frames_in,
         event_buffer=args.event_buffer, blocking_reaction=args.blocking_reaction,
         scheduling_policy=args.scheduling_policy, reaction_mps_priority=args.reaction_mps_priority,
-        reaction_sm_percent=args.reaction_sm_percent,
         tenants_file=args.tenants,
         capacity_streams=args.capacity_streams, capacity_file=args.capacity_file, log_level=args.log_level,
     )
@@ -289,9 +283,6 @@ def _check(parser: argparse.ArgumentParser, config: ServerConfig) -> str:
     for flag, value in positive.items():
         if value < 1:
             parser.error(f"{flag} must be >= 1")
-    percent = config.reaction_sm_percent
-    if percent is not None and not 1 <= percent <= 100:
-        parser.error(f"--reaction-sm-percent is a share of the GPU's SMs, 1 to 100, not {percent}")
     gib = config.kept_clips_memory_gib
     if gib is not None and not (math.isfinite(gib) and gib > 0):
         parser.error(f"--kept-clips-memory-gib must be > 0 (GiB of memory for all streams' kept clips), not {gib:g}")

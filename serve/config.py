@@ -49,7 +49,6 @@ class ServerConfig:
     cpu_kv_cache_gib: int = 1
     scheduling_policy: str = "fcfs"  # "priority": reactions are ordered by their tenant's priority
     reaction_mps_priority: str = "below_normal"  # under CUDA MPS: the reaction's kernels queue behind the sidecar's
-    reaction_sm_percent: int | None = None  # under CUDA MPS: the share of SMs the reaction may use (None: all)
     quantization: str | None = None  # "fp8": vLLM's online FP8 for the reaction model (GPU only)
     # sidecar (perception + decision)
     sidecar_device: str = "auto"

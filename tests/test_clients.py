@@ -292,6 +292,20 @@ def test_load_benchmark_rates_each_runs_decision_latency_against_the_idle_run():
     assert bench.latency_against_idle(runs[1:], 1.5) is None  # no idle run to compare with
 
 
+def test_load_benchmark_counts_answers_that_never_came_against_real_time():
+    """A run whose few answers were fast but most never came (a reaction engine that stopped) is not real-time."""
+    bench = load_benchmark_module()
+    fine = {"count": 10, "p50": 0.1, "p99": 0.2}
+    summary = {"frames": {"dropped": 0, "push_lag_growth_s": 0.0},
+               "decisions": {"count": 10, "expected": 10, "latency_growth_s": 0.0, "latency_client_s": fine},
+               "responses": {"triggers": 10, "answered": 10, "silent_or_lost": 0, "ttft_s": fine},
+               "errors": {"events": {}, "failed_streams": []}, "client_loop_lag_s": {"p99": 0.01}}
+    assert bench.judge_realtime(summary, [], bench.LoadConfig())["ok"]
+    summary["responses"].update(answered=1, silent_or_lost=9)
+    judged = bench.judge_realtime(summary, [], bench.LoadConfig())
+    assert not judged["ok"] and judged["reasons"] == ["9 of 10 answers never came"]
+
+
 def test_load_benchmark_refuses_a_keepalive_expiry_of_zero(capsys):
     with pytest.raises(SystemExit) as exit_info:
         load_benchmark_module().main(["--url", "http://127.0.0.1:9", "--keepalive-expiry", "0"])

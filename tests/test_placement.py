@@ -6,7 +6,6 @@ that lead to them, on any host.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 
@@ -120,29 +119,12 @@ def test_engine_and_sidecar_options_reach_the_processes_that_use_them(default_ch
     assert 0.39 * host_memory_bytes() < default_kept_clips_budget_bytes() <= 0.4 * host_memory_bytes()
     kept = backends("--max-kept-clips", "8", "--kept-clips-memory-gib", "1.5").sidecar.config
     assert (kept.max_kept_clips, kept.kept_clips_budget_bytes) == (8, 3 << 29)
-    # Under MPS, the reaction's share of the SMs: all unless told, and told to vLLM's process by its environment.
-    assert default.engine.config.mps_sm_percent is None
-    capped = backends("--reaction-sm-percent", "60").engine.config
-    assert capped.mps_sm_percent == 60
-
-
-def test_the_reaction_sm_share_reaches_the_engine_process_environment(monkeypatch):
-    from dispider_vllm.reaction.engine import ReactionEngineConfig, _set_mps_sm_percent
-
-    monkeypatch.delenv("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE", raising=False)
-    _set_mps_sm_percent(ReactionEngineConfig(model_dir="unused"))
-    assert "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE" not in os.environ
-    _set_mps_sm_percent(ReactionEngineConfig(model_dir="unused", mps_sm_percent=60))
-    assert os.environ["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] == "60"
-    with pytest.raises(ValueError, match="1 to 100"):
-        _set_mps_sm_percent(ReactionEngineConfig(model_dir="unused", mps_sm_percent=101))
 
 
 @pytest.mark.parametrize(("flags", "message"), [(["--preprocess-workers", "-1"], "--preprocess-workers must be >= 0"),
                                                (["--sidecar-kv-slots", "0"], "--sidecar-kv-slots must be >= 1"),
                                                (["--max-kept-clips", "0"], "--max-kept-clips must be >= 1"),
                                                (["--keep-alive", "0"], "--keep-alive must be >= 1"),
-                                               (["--reaction-sm-percent", "0"], "--reaction-sm-percent is a share"),
                                                (["--switch-interval", "0"], "--switch-interval must be between"),
                                                (["--kept-clips-memory-gib", "0"], "--kept-clips-memory-gib must be > 0"),
                                                (["--kept-clips-memory-gib", "-2"], "must be > 0"),

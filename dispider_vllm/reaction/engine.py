@@ -82,7 +82,6 @@ class ReactionEngineConfig:
     scheduling_policy: str = "fcfs"  # or "priority": then ``respond(priority=...)`` orders requests
     # Under CUDA MPS, on a GPU shared with the sidecar: "below_normal" lets perception and decision go first.
     mps_client_priority: str = "below_normal"  # or "normal"; without an MPS daemon it does nothing
-    mps_sm_percent: int | None = None  # under MPS, the share of the GPU's SMs its kernels may use (None: all)
     quantization: str | None = None  # "fp8": vLLM's online dynamic FP8 of the bf16 weights (GPU only)
     seed: int = 0
 
@@ -103,7 +102,6 @@ class ReactionEngine:
 
         _prepare_cpu_environment(self.config)
         _set_mps_client_priority(self.config)
-        _set_mps_sm_percent(self.config)
         args = self.engine_args()
         # Blocks until the engine core is up (minutes on the CPU); called in a running loop, it also starts
         # the output handler, so a dead engine core shows in ``is_alive`` before any request.
@@ -245,16 +243,6 @@ def _set_mps_client_priority(config: ReactionEngineConfig) -> None:
     """The engine-core process inherits this environment: under an MPS daemon its kernels queue behind those of
     normal-priority clients (the sidecar sets its own to normal), and without one CUDA ignores the variable."""
     os.environ["CUDA_MPS_CLIENT_PRIORITY"] = MPS_CLIENT_PRIORITIES[config.mps_client_priority]
-
-
-def _set_mps_sm_percent(config: ReactionEngineConfig) -> None:
-    """Under an MPS daemon, a client's CUDA_MPS_ACTIVE_THREAD_PERCENTAGE caps the SMs its kernels spread over,
-    so that many stay free for the sidecar's whatever the reaction's prefill takes. Only the engine-core process
-    (spawned after this) reads it: the sidecar's process was spawned before the engine's start."""
-    if config.mps_sm_percent is not None:
-        if not 1 <= config.mps_sm_percent <= 100:
-            raise ValueError(f"mps_sm_percent is 1 to 100, not {config.mps_sm_percent}")
-        os.environ["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] = str(config.mps_sm_percent)
 
 
 def _prepare_cpu_environment(config: ReactionEngineConfig) -> None:
