@@ -11,10 +11,13 @@ Qwen2-1.5B) with random weights, bf16, in one run:
    (one at a time; beside an extra, longer row; suffixes padded to the graph's length bucket), where bf16 matrix
    products may pick other kernels and sum in another order, as a padded batch may; a check passes within
    max(tolerance, 4 x noise floor).
+   The eager reference attends over its K/V with the masked SDPA path (``CompactLM.paged`` off); on a GPU with
+   vLLM's FlashAttention the graphed one reads the pool in place (paged), so the check covers that path too.
 2. timing, per number of clips N (``--sizes``): a sidecar step's perception of N clips and its decision round of
    N streams (each stream with ``--history-clips`` clips of M already in its KV cache, no triggers), eager then
    graphed, medians of ``--reps`` steps after ``--warmup`` (the first graphed step captures; its time is reported
-   apart), ``torch.cuda.synchronize`` around each phase.
+   apart), ``torch.cuda.synchronize`` around each phase. ``--compare-paged`` times the graphed steps once more
+   with the decision's attention on the masked SDPA path, for the paged path's ratio.
 
 The report goes to ``--out`` as soon as each part ends, so a run cut short keeps what finished; a part that fails
 is recorded under ``errors`` and the run goes on. ``--tiny`` runs tiny shapes on the CPU (a smoke test of this
@@ -112,6 +115,7 @@ def check_decision(setup: Setup, batch: int, args: argparse.Namespace) -> dict:
     """N streams, each with a history in its cache; two decision forwards graphed vs eager (hidden, logits)."""
     modules = setup.modules
     eager = CompactLM(modules.language_model, cuda_graphs=False)
+    eager.paged = False  # the reference: K/V read or gathered, a mask, SDPA
     graphed = CompactLM(modules.language_model, max_graph_batch=args.max_graph_batch)
     capacity = (args.history_clips + 4) * 64 + 512
     pools = [lm.new_pool(slots=batch + 1, capacity=capacity) for lm in (eager, graphed)]
@@ -205,8 +209,9 @@ def timed_ms(device: torch.device, work: Callable[[], object]) -> tuple[float, o
     return (time.perf_counter() - started) * 1000, result
 
 
-def run_steps(setup: Setup, count: int, graphs: bool, args: argparse.Namespace) -> dict:
-    """A fresh encoder and decision engine of ``count`` streams with a history; warm-up, then timed steps."""
+def run_steps(setup: Setup, count: int, graphs: bool, args: argparse.Namespace, *, paged: bool = True) -> dict:
+    """A fresh encoder and decision engine of ``count`` streams with a history; warm-up, then timed steps
+    (``paged``: False puts the decision's cached attention on the masked SDPA path)."""
     modules, device = setup.modules, setup.device
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -217,6 +222,7 @@ def run_steps(setup: Setup, count: int, graphs: bool, args: argparse.Namespace) 
                             initial_kv_tokens=tokens, max_context_clips=max(64, args.history_clips + args.warmup
                                                                             + args.reps + 2))
     engine = DecisionEngine(modules, config, force_respond=lambda stream_id, index: False)
+    engine.lm.paged = engine.lm.paged and paged
     streams = [f"s{i}" for i in range(count)]
     for stream in streams:
         engine.open(stream, QUESTION)
@@ -234,6 +240,7 @@ def run_steps(setup: Setup, count: int, graphs: bool, args: argparse.Namespace) 
             times.perceive_ms.append(perceive_ms)
             times.decide_ms.append(decide_ms)
     result = {**times.medians(), "first_step_ms": first_step_ms, "kv_capacity": engine.pool.capacity,
+              "paged_attention": engine.lm.paged,
               "perception_graphs": dataclasses.asdict(encoder.graphs.stats),
               "decision_graphs": dataclasses.asdict(engine.lm.graphs.stats)}
     if device.type == "cuda":  # weights, the KV pool and the graphs' memory pools included
@@ -252,7 +259,18 @@ def time_size(setup: Setup, count: int, args: argparse.Namespace) -> dict:
             "speedup": {name: eager[key] / graphed[key] for name, key in phases.items()},
             "graphs_first_step_ms": graphed["first_step_ms"], "kv_capacity": graphed["kv_capacity"],
             "gpu_peak_gb": {"eager": eager.get("gpu_peak_gb"), "graphs": graphed.get("gpu_peak_gb")},
-            "graph_stats": {"perception": graphed["perception_graphs"], "decision": graphed["decision_graphs"]}}
+            "graph_stats": {"perception": graphed["perception_graphs"], "decision": graphed["decision_graphs"]},
+            "paged_attention": graphed["paged_attention"], **compare_paged(setup, count, args, graphed)}
+
+
+def compare_paged(setup: Setup, count: int, args: argparse.Namespace, graphed: dict) -> dict:
+    """With ``--compare-paged``: the graphed steps again, the decision's attention masked, and the ratios."""
+    if not args.compare_paged:
+        return {}
+    masked = run_steps(setup, count, graphs=True, args=args, paged=False)
+    return {"graphs_masked_attention": {k: masked[k] for k in ("perceive_ms", "decide_ms", "step_ms")},
+            "paged_speedup": {"decide": masked["decide_ms"] / graphed["decide_ms"],
+                              "step": masked["step_ms"] / graphed["step_ms"]}}
 
 
 # ----------------------------------------------------------------------------------------------- report
@@ -325,6 +343,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="clips of M in every stream's KV cache before timing (default 8: 512 tokens)")
     parser.add_argument("--max-graph-batch", type=int, default=16, help="decision rows graphed at most (default 16)")
     parser.add_argument("--max-graph-clips", type=int, default=8, help="clips perceived by a graph at most (default 8)")
+    parser.add_argument("--compare-paged", action="store_true",
+                        help="time the graphed steps again with the decision's attention on the masked SDPA path")
     args = parser.parse_args(argv)
     if args.reps < 1 or args.warmup < 1 or args.history_clips < 1:
         parser.error("--reps, --warmup and --history-clips must be at least 1")
@@ -347,6 +367,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "shapes": "tiny" if args.tiny else "CLIP ViT-L/14-224 + Qwen2-1.5B (random weights, bf16)",
         "command": "python benchmarks/graph_bench.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "config": {"reps": args.reps, "warmup": args.warmup, "history_clips": args.history_clips,
+                   "compare_paged": args.compare_paged,
                    "max_graph_batch": args.max_graph_batch, "max_graph_clips": args.max_graph_clips},
         "correctness": [], "timings": [], "errors": [],
     }

@@ -137,3 +137,34 @@ def merged_linear(module: nn.Module, name: str, linears: list[nn.Linear]) -> nn.
         merged.bias = nn.Parameter(bias, requires_grad=False)
     module.__dict__[name] = merged
     return merged
+
+
+def paged_attention_available(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether vLLM's FlashAttention (``vllm.vllm_flash_attn``, paged K/V) runs here: a CUDA device, fp16/bf16,
+    and not turned off by ``DISPIDER_PAGED_ATTENTION=0`` (the masked-SDPA baseline)."""
+    if device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
+        return False
+    return os.environ.get("DISPIDER_PAGED_ATTENTION", "1") != "0" and _flash_version() is not None
+
+
+@functools.cache
+def _flash_version() -> int | None:
+    """FA3 where it is supported (Hopper), else FA2; None when neither loads."""
+    try:
+        from vllm.vllm_flash_attn import is_fa_version_supported
+    except Exception:  # noqa: BLE001 - any import failure means: the SDPA path
+        return None
+    return next((version for version in (3, 2) if is_fa_version_supported(version)), None)
+
+
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, *, query_starts: torch.Tensor,
+                    query_length: int, key_lengths: torch.Tensor, max_keys: int, pages: torch.Tensor,
+                    scale: float) -> torch.Tensor:
+    """Causal attention of packed queries q [rows * query_length, heads, dim] over each row's K/V read in place
+    from a paged cache [pages, page_size, kv_heads, dim]: row b's keys are the first ``key_lengths[b]`` positions
+    of page ``pages[b, 0]``, its queries the last of them (the causal mask is aligned bottom right)."""
+    from vllm.vllm_flash_attn import flash_attn_varlen_func
+
+    return flash_attn_varlen_func(q, k_cache, v_cache, max_seqlen_q=query_length, cu_seqlens_q=query_starts,
+                                  max_seqlen_k=max_keys, seqused_k=key_lengths, block_table=pages, causal=True,
+                                  softmax_scale=scale, fa_version=_flash_version())

@@ -90,7 +90,7 @@ class CachedStep:
 
 def committed(pool: KVPool, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
     length = pool.length(slot)
-    return pool.k[:, slot, :, :length].clone(), pool.v[:, slot, :, :length].clone()
+    return pool.k[:, slot, :length].clone(), pool.v[:, slot, :length].clone()
 
 
 def test_padded_decision_forward_matches_eager_over_steps():

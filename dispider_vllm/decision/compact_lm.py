@@ -5,7 +5,8 @@ so every pass here takes embeddings and returns post-final-norm hidden states. T
 transformers ``Qwen2Model``; the attention math (RoPE, GQA, masking) is done here so that the cache layout and the
 batching across streams are ours.
 
-KV cache design (:class:`KVPool`): one pool tensor per K and V, ``[layers, slots, kv_heads, capacity, head_dim]``.
+KV cache design (:class:`KVPool`): one pool tensor per K and V, ``[layers, slots, capacity, kv_heads, head_dim]``
+(position before head, as a paged cache of one page a slot, so that FlashAttention can read it in place).
 Each stream owns one slot; positions ``[0, length)`` of a slot hold the stream's committed prefix, positions after
 it are scratch. A batched cached forward writes every row's suffix K/V into the scratch right after that row's
 prefix, attends over ``[0, max_length + suffix)`` of the selected slots with a causal mask offset by each row's own
@@ -15,16 +16,20 @@ When the batch is a run of consecutive slots the K/V are read as a view, without
 
 Small batches (up to ``max_graph_batch`` rows, suffixes up to ``max_graph_length`` tokens) take a static-shape path
 instead, replayed from a CUDA graph on a GPU (:mod:`dispider_vllm.cuda_graphs`): the batch is padded to a bucket
-(1, 2, 4, ... rows; suffix lengths rounded up to a multiple of 32), every row attends over the pool's whole
-capacity (the mask, built inside the graph from the rows' prefix lengths, hides what a row must not see), and K/V
-are always gathered by slot index, since a view's address would be baked into the graph. Padded rows have prefix
+(1, 2, 4, ... rows; suffix lengths rounded up to a multiple of 32); on the masked path every row attends over the
+pool's whole capacity (the mask, built inside the graph from the rows' prefix lengths, hides what a row must not
+see) and K/V are always gathered by slot index, since a view's address would be baked into the graph; the paged
+path reads each row's slot up to its own length, given as a device tensor. Padded rows have prefix
 length 0 and write into the pool's scratch slot (:meth:`KVPool.scratch_slot`, never given to a stream); the real
 rows write their padded suffix past their prefix, as the eager path does, and commit only ``keep`` tokens. When the
 pool grows (new tensors), the graphs are dropped and captured again. On a CPU the same padded path runs eagerly.
 
-GQA in the cached path folds the query heads of a KV head into the query length, so K/V are never repeated;
-the mask is additive, built once per forward. On a GPU the masked path runs the memory-efficient SDPA kernel
-(cuDNN's re-planning per shape cost more host time than the step's GPU time), the causal path flash attention.
+On a GPU with vLLM's FlashAttention the cached path reads each row's K/V in place (the slot as the row's one
+page, ``kernels.paged_attention``), over its own prefix and suffix only, however large the pool's capacity. Without
+it (the CPU, or ``DISPIDER_PAGED_ATTENTION=0``) the K/V are read or gathered and attended with an additive mask:
+GQA folds the query heads of a KV head into the query length, so K/V are never repeated, and on a GPU the masked
+path runs the memory-efficient SDPA kernel (cuDNN's re-planning per shape cost more host time than the step's GPU
+time); the causal path without a cache runs flash attention.
 
 The layers run on merged weights (q/k/v as one matmul, gate/up as one) and, where vLLM's compiled ops load, on its
 fused RMSNorm (with the residual add), RoPE and SiLU-gate kernels (:mod:`dispider_vllm.kernels`). Small host
@@ -51,6 +56,9 @@ AttendFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tenso
 
 
 SCRATCH_SLOT = 0  # see KVPool.scratch_slot
+# A slot is read as one page: FlashAttention's paged K/V wants pages of a multiple of 256 positions (FA2). The
+# decision pool grows in such steps; the prefix pool of --frame-perception prefill does not, and keeps the mask.
+PAGE_MULTIPLE = 256
 
 
 class KVPool:
@@ -63,7 +71,8 @@ class KVPool:
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, *, dtype: torch.dtype,
                  device: torch.device, slots: int = 4, capacity: int = 1024, growth_multiple: int = 256):
         self.growth_multiple = growth_multiple
-        shape = (num_layers, 1 + slots, num_kv_heads, capacity, head_dim)
+        capacity = -(-capacity // growth_multiple) * growth_multiple  # whole multiples, as every growth after
+        shape = (num_layers, 1 + slots, capacity, num_kv_heads, head_dim)
         # Zeros, not empty: masked-out scratch is still multiplied by a zero weight, and 0 * NaN would leak.
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
@@ -72,7 +81,7 @@ class KVPool:
 
     @property
     def capacity(self) -> int:
-        return int(self.k.shape[3])
+        return int(self.k.shape[2])
 
     @property
     def num_slots(self) -> int:
@@ -81,7 +90,7 @@ class KVPool:
 
     @property
     def bytes_per_token(self) -> int:
-        layers, _, heads, _, dim = self.k.shape
+        layers, _, _, heads, dim = self.k.shape
         return 2 * layers * heads * dim * self.k.element_size()
 
     @property
@@ -122,12 +131,12 @@ class KVPool:
     def _grow(self, *, slots: int | None = None, capacity: int | None = None) -> None:
         """To ``slots`` stream slots and/or ``capacity`` positions; new tensors, so anything that kept the old
         ones' addresses (a CUDA graph) must drop them."""
-        layers, old_rows, heads, old_capacity, dim = self.k.shape
+        layers, old_rows, old_capacity, heads, dim = self.k.shape
         rows, capacity = (1 + slots if slots else old_rows), capacity or old_capacity
         for name in ("k", "v"):
             old = getattr(self, name)
-            new = old.new_zeros((layers, rows, heads, capacity, dim))
-            new[:, :old_rows, :, :old_capacity] = old
+            new = old.new_zeros((layers, rows, capacity, heads, dim))
+            new[:, :old_rows, :old_capacity] = old
             setattr(self, name, new)
         self.free = list(range(rows - 1, old_rows - 1, -1)) + self.free
         self.lengths += [0] * (rows - old_rows)
@@ -136,8 +145,8 @@ class KVPool:
               v: torch.Tensor) -> None:
         """Store k, v [B, kv_heads, L, head_dim] of row b at ``positions[b]`` of slot ``slot_index[b]``."""
         rows = slot_index[:, None]
-        self.k[layer][rows, :, positions] = k.transpose(1, 2)
-        self.v[layer][rows, :, positions] = v.transpose(1, 2)
+        self.k[layer][rows, positions] = k.transpose(1, 2)
+        self.v[layer][rows, positions] = v.transpose(1, 2)
 
     def read(self, layer: int, slots: Sequence[int], slot_index: torch.Tensor,
              tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -145,12 +154,12 @@ class KVPool:
         first = slots[0]
         if list(slots) == list(range(first, first + len(slots))):
             end = first + len(slots)
-            return self.k[layer, first:end, :, :tokens], self.v[layer, first:end, :, :tokens]
+            return self.k[layer, first:end, :tokens].transpose(1, 2), self.v[layer, first:end, :tokens].transpose(1, 2)
         return self.gather(layer, slot_index, tokens)
 
     def gather(self, layer: int, slot_index: torch.Tensor, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
         """K, V [B, kv_heads, tokens, head_dim] of the slots in ``slot_index``, always a copy (graph-safe)."""
-        return self.k[layer][slot_index, :, :tokens], self.v[layer][slot_index, :, :tokens]
+        return self.k[layer][slot_index, :tokens].transpose(1, 2), self.v[layer][slot_index, :tokens].transpose(1, 2)
 
 
 @dataclass(frozen=True)
@@ -206,6 +215,7 @@ class CompactLM:
         self.graph_shapes = StaticShapes(max_batch=max_graph_batch if self.cuda_graphs else 0,
                                          length_multiple=32, max_length=max_graph_length)
         self.graphs = GraphCache(self.device, enabled=self.cuda_graphs)
+        self.paged = kernels.paged_attention_available(self.device, self.dtype)  # else masked SDPA over a copy
 
     # ---- inputs -------------------------------------------------------------------------------------------
     def embed(self, ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
@@ -368,7 +378,9 @@ class CompactLM:
     def _cached_attention(self, pool: KVPool, slot_index: torch.Tensor, positions: torch.Tensor, keys: int,
                           read: Callable[[int], tuple[torch.Tensor, torch.Tensor]]) -> AttendFn:
         """Attention of each row's suffix over the first ``keys`` positions of its slot, after writing the suffix's
-        K/V there; ``read(layer)`` gives those K/V."""
+        K/V there; ``read(layer)`` gives those K/V (the masked path's; the paged path reads the pool in place)."""
+        if self.paged and pool.capacity % PAGE_MULTIPLE == 0:
+            return self._paged_attention(pool, slot_index, positions, keys)
         batch, length = positions.shape
         # Key j is visible to the query at position p iff j <= p: the row's prefix plus its suffix so far.
         visible = torch.arange(keys, device=self.device)[None, None, :] <= positions[:, :, None]
@@ -381,6 +393,25 @@ class CompactLM:
             folded = q.reshape(batch, self.num_kv_heads, groups * length, self.head_dim)
             out = F.scaled_dot_product_attention(folded, keys_, values, attn_mask=mask, scale=self.scaling)
             return out.reshape(batch, self.num_heads, length, self.head_dim)
+
+        return attend
+
+    def _paged_attention(self, pool: KVPool, slot_index: torch.Tensor, positions: torch.Tensor,
+                         keys: int) -> AttendFn:
+        """As ``_cached_attention``, with FlashAttention reading each row's slot in place as its one page: row b
+        sees its prefix and its (padded) suffix, ``positions[b, -1] + 1`` keys, never the rest of the capacity."""
+        batch, length = positions.shape
+        key_lengths = (positions[:, -1] + 1).to(torch.int32)
+        query_starts = torch.arange(0, (batch + 1) * length, length, dtype=torch.int32, device=self.device)
+        pages = slot_index.to(torch.int32)[:, None]
+
+        def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            pool.write(layer, slot_index, positions, k, v)
+            packed = q.transpose(1, 2).reshape(batch * length, self.num_heads, self.head_dim)
+            out = kernels.paged_attention(packed, pool.k[layer], pool.v[layer], query_starts=query_starts,
+                                          query_length=length, key_lengths=key_lengths, max_keys=keys, pages=pages,
+                                          scale=self.scaling)
+            return out.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
 
         return attend
 
