@@ -13,10 +13,12 @@
 #              burst), then the one-GPU capacity bound from it and the sidecar's ceiling (capacity_bound.py);
 #   mps:       the same server and sweep (MPS_N) under a CUDA MPS daemon started for it and stopped after: the
 #              sidecar's and vLLM's kernels run side by side, vLLM's at below-normal priority (--reaction-mps-priority);
-#   ours:      the server (h200_streams.sh start) and the live sweep, N = 1 (the idle server) first;
+#   ours:      the server (h200_streams.sh start) and the live sweep, N = 1 (the idle server) first, time-sliced;
 #   blocking:  the same server, sessions opened with "blocking_reaction": true (input held while answering);
 #   plain:     plain vLLM serving the reaction LLM alone, under the same answer load (plain_vllm_bench.py);
-#   tenancy:   two tenants, one flooding (h200_tenancy.sh).
+#   tenancy:   two tenants, one flooding (h200_tenancy.sh);
+#   summary:   streams_h200.json: the sweep (mps's, else ours') with the largest real-time N of each system of this
+#              run (blocking, plain vLLM, reference-style) and the three targets judged (streams_summary.py).
 #
 #   setsid nohup bash benchmarks/h200_all.sh /tmp/h200 > /tmp/h200.log 2>&1 &    # then poll the log
 #   STEPS="ours blocking" OURS_N="1 256 384" bash benchmarks/h200_all.sh /tmp/h200   # some steps only
@@ -24,7 +26,9 @@
 # Each step writes its JSON into the results folder as soon as it ends, so a run cut short keeps what finished.
 # Stream counts and durations: OURS_N, MPS_N, BLOCKING_N, PLAIN_N, DURATION (ours, mps), BASE_DURATION (the others);
 # MPS_SERVER_ARGS: more server options for the mps step (e.g. --reaction-mps-priority normal), MPS_OUT its report's
-# name (default streams_mps_h200.json), MPS_LOAD_ARGS more load_streams.py options (e.g. --client-pool shared),
+# name (default streams_mps_h200.json), MPS_BLOCKING_N a blocking sweep on the mps step's server after its own
+# (MPS_BLOCKING_OUT, default streams_mps_blocking_h200.json), MPS_LOAD_ARGS more load_streams.py options
+# (e.g. --client-pool shared),
 # SAMPLE_HOST=1 samples the GPU's and the host's use during its sweep (nvidia-smi
 # dmon, vmstat, top, into samples_mps/ with host_samples.py's summary.json);
 # MAX_TOKENS (answer length of ours and blocking, default 32).
@@ -42,7 +46,7 @@ sweep() {  # sweep OUT DURATION [load_streams args...]
     --drain-timeout 60 --out "$out" "$@"
 }
 
-STEPS=" ${STEPS:-sidecar reference mps ours blocking plain tenancy} "
+STEPS=" ${STEPS:-sidecar reference mps ours blocking plain tenancy summary} "
 wants() { [[ "$STEPS" == *" $1 "* ]]; }
 
 if wants graphs; then
@@ -119,6 +123,12 @@ if wants mps; then
       fi
       # shellcheck disable=SC2086
       sweep "$RESULTS/${MPS_OUT:-streams_mps_h200.json}" "${DURATION:-96}" --max-tokens "${MAX_TOKENS:-32}" ${MPS_LOAD_ARGS:-} --sweep ${MPS_N:-1 256 384 448 512}
+      if [[ -n "${MPS_BLOCKING_N:-}" ]]; then
+        say "mps: blocking sweep $MPS_BLOCKING_N on the same server"
+        # shellcheck disable=SC2086
+        sweep "$RESULTS/${MPS_BLOCKING_OUT:-streams_mps_blocking_h200.json}" "${BASE_DURATION:-64}" \
+          --max-tokens "${MAX_TOKENS:-32}" ${MPS_LOAD_ARGS:-} --blocking-reaction --no-warmup --sweep $MPS_BLOCKING_N
+      fi
       if [[ ${#samplers[@]} -gt 0 ]]; then
         kill "${samplers[@]}" 2> /dev/null || true
         mkdir -p "$RESULTS/samples_mps"
@@ -141,7 +151,7 @@ fi
 if wants ours; then
   say "ours: sweep ${OURS_N:-1 128 256 320}"
   # shellcheck disable=SC2086
-  sweep "$RESULTS/streams_h200.json" "${DURATION:-96}" --max-tokens "${MAX_TOKENS:-32}" --sweep ${OURS_N:-1 128 256 320}
+  sweep "$RESULTS/streams_timesliced_h200.json" "${DURATION:-96}" --max-tokens "${MAX_TOKENS:-32}" --sweep ${OURS_N:-1 128 256 320}
 fi
 if wants blocking; then
   say "blocking: sweep ${BLOCKING_N:-64 128 256} on the same server"
@@ -162,5 +172,17 @@ fi
 if wants tenancy; then
   say "tenancy: a light tenant alone, then beside a flooding one"
   bash "$here/h200_tenancy.sh" "$RESULTS/tenancy_h200.json" --duration "${BASE_DURATION:-64}"
+fi
+if wants summary; then
+  # The sweep (MPS's where this run made one, else the time-sliced one) with each system's largest real-time N.
+  ours=$RESULTS/${MPS_OUT:-streams_mps_h200.json}; [[ -f $ours ]] || ours=$RESULTS/streams_timesliced_h200.json
+  blocking=$RESULTS/${MPS_BLOCKING_OUT:-streams_mps_blocking_h200.json}
+  [[ -f $blocking ]] || blocking=$RESULTS/streams_blocking_h200.json
+  others=()
+  [[ -f $blocking ]] && others+=(--blocking "$blocking")
+  [[ -f $RESULTS/plain_vllm_h200.json ]] && others+=(--plain "$RESULTS/plain_vllm_h200.json")
+  [[ -f $RESULTS/reference_h200.json ]] && others+=(--reference "$RESULTS/reference_h200.json")
+  say "summary: $ours ${others[*]}"
+  python3 "$here/streams_summary.py" --ours "$ours" "${others[@]}" --out "$RESULTS/streams_h200.json"
 fi
 say "done"

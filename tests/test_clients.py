@@ -276,6 +276,31 @@ def test_load_benchmark_merges_client_processes(dispider_server, tmp_path):
     assert_numbers_finite(report)
 
 
+@pytest.mark.timeout(400)
+def test_load_sweeps_and_their_summary(dispider_server, tmp_path):
+    """A sweep with the idle run first, a blocking sweep on the same server, and streams_summary.py over both: the
+    largest real-time N of each system and the targets judged (the CPU's figures are not a speed)."""
+    common = ["--url", dispider_server.url, "--duration", "32", "--speed", "2", "--stagger", "2", "--max-tokens", "4",
+              "--frame-size", "320x240", "--respond-every", str(dispider_server.respond_every), "--no-warmup"]
+    ours, blocking, summary_path = tmp_path / "ours.json", tmp_path / "blocking.json", tmp_path / "streams.json"
+    for out, extra in ((ours, ["--sweep", "1", "2"]), (blocking, ["--sweep", "2", "--blocking-reaction"])):
+        done = run_python("benchmarks/load_streams.py", *common, *extra, "--out", str(out))
+        assert done.returncode == 0, done.stdout + done.stderr
+    done = run_python("benchmarks/streams_summary.py", "--ours", str(ours), "--blocking", str(blocking),
+                      "--out", str(summary_path))
+    assert done.returncode == 0, done.stdout + done.stderr
+    summary = json.loads(summary_path.read_text())
+    assert [run["streams"] for run in summary["runs"]] == [1, 2] and summary["sweep"]["latency_vs_idle"]["idle_p50_s"] > 0
+    for name, runs in (("dispider-vllm", [1, 2]), ("blocking", [2])):
+        system = summary["systems"][name]
+        assert system["streams_run"] == runs and system["max_realtime_streams"] in (None, *runs)
+    assert json.loads(blocking.read_text())["config"]["blocking_reaction"] is True
+    latency = summary["targets"]["latency_under_full_load"]
+    assert latency["met"] in (True, False, None) and summary["targets"]["capacity_over_reference"]["met"] is None
+    assert [row["streams"] for row in summary["sidecar_busy"]] == [1, 2]
+    assert all(0 < row["busy_s"] < row["wall_s"] for row in summary["sidecar_busy"])
+
+
 def test_load_benchmark_rates_each_runs_decision_latency_against_the_idle_run():
     bench = load_benchmark_module()
 

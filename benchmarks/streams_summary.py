@@ -1,0 +1,189 @@
+"""The live-stream sweep with every system's largest real-time N beside it, and the three targets judged.
+
+    python benchmarks/streams_summary.py --ours /tmp/h200/streams_mps_h200.json \\
+        --blocking /tmp/h200/streams_mps_blocking_h200.json --plain /tmp/h200/plain_vllm_h200.json \\
+        --reference /tmp/h200/reference_h200.json --out benchmarks/results/streams_h200.json
+
+Reads the reports of one GPU session and measures nothing:
+
+- ``--ours``: dispider-vllm's sweep (``load_streams.py --sweep``, N = 1 first for the idle server);
+- ``--blocking``: the same server's sweep with sessions opened with ``"blocking_reaction": true``;
+- ``--plain``: plain vLLM serving the reaction LLM alone under the answer load of N streams
+  (``plain_vllm_bench.py``): a run keeps up when every answer came and its p99 time to first token is within the
+  sweep's bound; the upper bound of the reaction path, with no perception or decision at all;
+- ``--reference``: the reference-style computation with its blocking reaction (``reference_bench.py``): its
+  real-time streams are 16 s over the cost of a clip, a fraction.
+
+The output is the ``--ours`` report unchanged, plus ``systems`` (the largest real-time N of each, and the first N
+that was not, where the sweep reached one), ``targets`` (>= 256 real-time streams, >= 10x the reference-style
+capacity, decision latency at the largest real-time N within 1.5x of the idle server's), ``sidecar_busy`` (the
+share of each run the sidecar spent in its steps: near 1, clips queue for the GPU whatever a step costs) and
+``inputs`` (each file, its device and start: check they are one session's).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+CLIP_SECONDS = 16
+TARGET_STREAMS = 256
+TARGET_RATIO = 10.0
+TARGET_LATENCY_FACTOR = 1.5
+STEP_PHASES = ("preprocess_wait", "perceive_frames", "prefill_frames", "perceive", "decide")
+
+
+def load_report(path: Path, benchmark: str) -> dict:
+    try:
+        report = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise SystemExit(f"{path}: cannot read a JSON report ({error})") from None
+    if report.get("benchmark") != benchmark:
+        raise SystemExit(f"{path}: not a {benchmark} report (its benchmark is {report.get('benchmark')!r})")
+    return report
+
+
+def sweep_system(report: dict, path: Path) -> dict:
+    """A load_streams sweep's largest real-time N, the first N that was not, and the N it ran."""
+    sweep = report.get("sweep")
+    if sweep is None:
+        raise SystemExit(f"{path}: a load_streams report without a sweep (run it with --sweep)")
+    first_not = sweep["first_not_realtime"]
+    return {"max_realtime_streams": sweep["max_realtime_streams"], "first_not_realtime": first_not,
+            "streams_run": [run["streams"] for run in report["runs"]],
+            "bounded_above": first_not is not None, "source": str(path)}
+
+
+def plain_keeps_up(run: dict) -> bool:
+    requests = run["requests"]
+    return bool(run["within_ttft_bound"]) and requests["failed"] == 0 and requests["unfinished"] == 0 \
+        and requests["completed"] == requests["planned"]
+
+
+def plain_system(report: dict, path: Path) -> dict:
+    """Plain vLLM's largest N that kept up, runs in ascending N, stopping at the first that did not."""
+    runs = sorted(report["runs"], key=lambda run: run["streams"])
+    first_not = next((run["streams"] for run in runs if not plain_keeps_up(run)), None)
+    below_first_miss = [run for run in runs if first_not is None or run["streams"] < first_not]
+    return {"max_realtime_streams": max((run["streams"] for run in below_first_miss), default=None),
+            "first_not_realtime": first_not,
+            "streams_run": [run["streams"] for run in runs], "bounded_above": first_not is not None,
+            "criteria": {"max_p99_ttft_s": report["config"]["max_p99_ttft_s"], "every_answer_completed": True},
+            "what": "the reaction LLM alone (no perception, no decision): the upper bound of the reaction path",
+            "source": str(path)}
+
+
+def reference_system(report: dict, path: Path) -> dict:
+    return {"max_realtime_streams": round(report["with_reaction"]["realtime_streams"], 3),
+            "perception_decision_only_streams": round(report["perception_decision"]["realtime_streams"], 1),
+            "seconds_per_clip": report["with_reaction"]["seconds_per_clip"],
+            "what": "transformers, one stream at a time, perception -> decision -> blocking reaction: "
+                    f"{CLIP_SECONDS} s over the cost of a clip", "source": str(path)}
+
+
+def sidecar_busy(run: dict) -> dict | None:
+    """Seconds the sidecar spent in its steps (every phase), and their share of the run's wall time."""
+    phases = ((run.get("server_metrics") or {}).get("sidecar_steps") or {}).get("step_s") or {}
+    if not phases or not run.get("wall_s"):
+        return None
+    busy = sum(phase["count"] * phase["mean"] for phase in phases.values() if phase and phase.get("mean") is not None)
+    return {"streams": run["streams"], "busy_s": round(busy, 2), "wall_s": run["wall_s"],
+            "share_of_wall": round(busy / run["wall_s"], 3)}
+
+
+def busy_shares(report: dict) -> list[dict]:
+    return [row for run in report["runs"] if (row := sidecar_busy(run)) is not None]
+
+
+def latency_target(report: dict, at_streams: int | None) -> dict:
+    against_idle = report["sweep"].get("latency_vs_idle")
+    if against_idle is None or at_streams is None:
+        return {"target_factor": TARGET_LATENCY_FACTOR, "met": None,
+                "why_unjudged": "no idle run (N = 1) in the sweep" if against_idle is None else "no real-time N"}
+    row = next(row for row in against_idle["runs"] if row["streams"] == at_streams)
+    return {"target_factor": TARGET_LATENCY_FACTOR, "at_streams": at_streams,
+            "idle_p50_s": against_idle["idle_p50_s"], "p50_s": row["p50_s"], "p99_s": row["p99_s"],
+            "p50_over_idle": row["p50_over_idle"], "p99_over_idle": row["p99_over_idle"],
+            "met": row["p50_over_idle"] is not None and row["p50_over_idle"] <= TARGET_LATENCY_FACTOR,
+            "largest_streams_within_factor_p50": against_idle["largest_streams_within_factor_p50"],
+            "judged_on": "the server's decision latency at the median, at the sweep's largest real-time N"}
+
+
+def judge_targets(ours_report: dict, systems: dict) -> dict:
+    ours = systems["dispider-vllm"]["max_realtime_streams"]
+    reference = systems.get("reference-style", {}).get("max_realtime_streams")
+    ratio = ours / reference if ours is not None and reference else None
+    return {
+        "realtime_streams": {"target": TARGET_STREAMS, "value": ours,
+                             "met": ours is not None and ours >= TARGET_STREAMS},
+        "capacity_over_reference": {"target": TARGET_RATIO, "value": None if ratio is None else round(ratio, 2),
+                                    "met": None if ratio is None else ratio >= TARGET_RATIO},
+        "latency_under_full_load": latency_target(ours_report, ours),
+    }
+
+
+def describe_input(report: dict, path: Path) -> dict:
+    return {"file": str(path), "benchmark": report["benchmark"], "device": report.get("device"),
+            "started": report.get("started")}
+
+
+def summarize(args: argparse.Namespace) -> dict:
+    ours = load_report(args.ours, "load_streams")
+    if ours["config"].get("blocking_reaction"):
+        raise SystemExit(f"{args.ours}: a blocking sweep, not dispider-vllm's own (pass it as --blocking)")
+    systems = {"dispider-vllm": sweep_system(ours, args.ours)}
+    inputs = [describe_input(ours, args.ours)]
+    if args.blocking:
+        blocking = load_report(args.blocking, "load_streams")
+        if not blocking["config"].get("blocking_reaction"):
+            raise SystemExit(f"{args.blocking}: its sessions did not block (run load_streams.py --blocking-reaction)")
+        systems["blocking"] = sweep_system(blocking, args.blocking)
+        inputs.append(describe_input(blocking, args.blocking))
+    if args.plain:
+        plain = load_report(args.plain, "plain_vllm")
+        systems["plain vLLM"] = plain_system(plain, args.plain)
+        inputs.append(describe_input(plain, args.plain))
+    if args.reference:
+        reference = load_report(args.reference, "reference")
+        systems["reference-style"] = reference_system(reference, args.reference)
+        inputs.append(describe_input(reference, args.reference))
+    return {**ours, "systems": systems, "targets": judge_targets(ours, systems), "sidecar_busy": busy_shares(ours),
+            "inputs": inputs}
+
+
+def print_summary(summary: dict) -> None:
+    devices = sorted({str(item["device"]) for item in summary["inputs"]})
+    print(f"on {', '.join(devices)}" + ("" if len(devices) == 1 else " (inputs from more than one device!)"))
+    for name, system in summary["systems"].items():
+        above = f", first not: {system['first_not_realtime']}" if system.get("first_not_realtime") else ""
+        print(f"  {name:16} largest real-time N {system['max_realtime_streams']}{above}")
+    for name, target in summary["targets"].items():
+        value = target.get("value", target.get("p50_over_idle"))
+        print(f"  target {name}: {value} (met: {target['met']})")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ours", type=Path, required=True, metavar="FILE", help="dispider-vllm's load_streams sweep")
+    parser.add_argument("--blocking", type=Path, metavar="FILE", help="the blocking sweep on the same server")
+    parser.add_argument("--plain", type=Path, metavar="FILE", help="plain_vllm_bench.py's report")
+    parser.add_argument("--reference", type=Path, metavar="FILE", help="reference_bench.py's report")
+    parser.add_argument("--out", type=Path, required=True, metavar="FILE", help="where to write the summary JSON")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    summary = summarize(args)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(summary, indent=1) + "\n")
+    print_summary(summary)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,135 @@
+"""benchmarks/streams_summary.py: every system's largest real-time N beside the sweep, and the targets judged."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import streams_summary  # noqa: E402
+
+
+def stream_run(streams: int, realtime: bool, perceive_s: float = 0.05, steps: int = 100) -> dict:
+    phase = {"count": steps, "mean": perceive_s}
+    return {"streams": streams, "wall_s": 100.0, "realtime": {"ok": realtime},
+            "server_metrics": {"sidecar_steps": {"step_s": {
+                "perceive": phase, "decide": {"count": steps, "mean": 0.01},
+                "prefill_frames": {"count": 0, "mean": None}}}}}
+
+
+def sweep_report(runs: list[dict], *, blocking: bool = False, idle_p50: float = 0.02, p50s=None) -> dict:
+    first_not = next((run["streams"] for run in runs if not run["realtime"]["ok"]), None)
+    passing = [run["streams"] for run in runs
+               if run["realtime"]["ok"] and (first_not is None or run["streams"] < first_not)]
+    p50s = p50s or {}
+    rows = [{"streams": run["streams"], "p50_s": p50s.get(run["streams"], idle_p50), "p99_s": 0.1,
+             "p50_over_idle": round(p50s.get(run["streams"], idle_p50) / idle_p50, 4), "p99_over_idle": 2.0}
+            for run in runs]
+    within = [row["streams"] for row in rows if row["p50_over_idle"] <= 1.5 and row["streams"] in passing]
+    return {"benchmark": "load_streams", "device": "test GPU", "started": "today",
+            "config": {"blocking_reaction": blocking, "duration_s": 96},
+            "runs": runs,
+            "sweep": {"max_realtime_streams": max(passing, default=None), "first_not_realtime": first_not,
+                      "latency_vs_idle": {"idle_p50_s": idle_p50, "idle_p99_s": 0.05, "runs": rows,
+                                          "largest_streams_within_factor_p50": max(within, default=None)}}}
+
+
+def plain_run(streams: int, p99_ttft: float, completed: int = 10, planned: int = 10) -> dict:
+    return {"streams": streams, "within_ttft_bound": p99_ttft <= 1.5,
+            "requests": {"planned": planned, "completed": completed, "failed": 0, "unfinished": planned - completed}}
+
+
+def write(tmp_path: Path, name: str, content: dict) -> Path:
+    path = tmp_path / f"{name}.json"
+    path.write_text(json.dumps(content))
+    return path
+
+
+@pytest.fixture
+def inputs(tmp_path):
+    ours = sweep_report([stream_run(1, True), stream_run(320, True), stream_run(640, True), stream_run(704, False)],
+                        p50s={320: 0.028, 640: 0.2, 704: 0.9})
+    blocking = sweep_report([stream_run(320, True), stream_run(640, False)], blocking=True)
+    # 1024 missed its TTFT bound; 1152 kept up again, but a sweep ends at its first miss.
+    plain = {"benchmark": "plain_vllm", "device": "test GPU", "started": "today", "config": {"max_p99_ttft_s": 1.5},
+             "runs": [plain_run(1152, 0.4), plain_run(768, 0.3), plain_run(1024, 2.0)]}
+    reference = {"benchmark": "reference", "device": "test GPU",
+                 "with_reaction": {"realtime_streams": 60.04, "seconds_per_clip": 0.266},
+                 "perception_decision": {"realtime_streams": 100.0}}
+    return {name: write(tmp_path, name, content) for name, content in
+            (("ours", ours), ("blocking", blocking), ("plain", plain), ("reference", reference))}
+
+
+def summarize(inputs: dict, tmp_path: Path, **only) -> dict:
+    chosen = only or inputs
+    args = [arg for name, path in chosen.items() for arg in (f"--{name}", str(path))]
+    args += ["--out", str(tmp_path / "o.json")]
+    return streams_summary.summarize(streams_summary.build_parser().parse_args(args))
+
+
+def test_each_systems_largest_real_time_n_and_the_first_that_was_not(inputs, tmp_path):
+    summary = summarize(inputs, tmp_path)
+    systems = summary["systems"]
+    assert systems["dispider-vllm"]["max_realtime_streams"] == 640
+    assert systems["dispider-vllm"]["first_not_realtime"] == 704 and systems["dispider-vllm"]["bounded_above"]
+    assert systems["blocking"]["max_realtime_streams"] == 320 and systems["blocking"]["first_not_realtime"] == 640
+    assert systems["plain vLLM"]["max_realtime_streams"] == 768  # in ascending N, 1024 missed: 1152 does not count
+    assert systems["plain vLLM"]["first_not_realtime"] == 1024
+    assert systems["plain vLLM"]["streams_run"] == [768, 1024, 1152]
+    assert systems["reference-style"]["max_realtime_streams"] == 60.04
+    assert summary["runs"] == json.loads(inputs["ours"].read_text())["runs"]  # the sweep itself, unchanged
+    benchmarks = [item["benchmark"] for item in summary["inputs"]]
+    assert benchmarks == ["load_streams", "load_streams", "plain_vllm", "reference"]
+
+
+def test_targets_are_judged_at_the_largest_real_time_n(inputs, tmp_path):
+    targets = summarize(inputs, tmp_path)["targets"]
+    assert targets["realtime_streams"] == {"target": 256, "value": 640, "met": True}
+    assert targets["capacity_over_reference"]["value"] == pytest.approx(640 / 60.04, abs=0.01)
+    assert targets["capacity_over_reference"]["met"] is True
+    latency = targets["latency_under_full_load"]
+    assert latency["at_streams"] == 640 and latency["p50_over_idle"] == 10.0 and latency["met"] is False
+    assert latency["largest_streams_within_factor_p50"] == 320
+
+
+def test_a_plain_run_with_an_answer_missing_does_not_keep_up(tmp_path):
+    report = {"config": {"max_p99_ttft_s": 1.5}, "runs": [plain_run(256, 0.2), plain_run(512, 0.3, completed=9)]}
+    plain = streams_summary.plain_system(report, tmp_path / "plain.json")
+    assert plain["max_realtime_streams"] == 256 and plain["first_not_realtime"] == 512
+
+
+def test_the_sidecars_busy_share_of_each_run():
+    busy = streams_summary.busy_shares(sweep_report([stream_run(1, True, 0.01, 5), stream_run(640, True, 0.7, 100)]))
+    assert busy == [{"streams": 1, "busy_s": 0.1, "wall_s": 100.0, "share_of_wall": 0.001},
+                    {"streams": 640, "busy_s": 71.0, "wall_s": 100.0, "share_of_wall": 0.71}]
+
+
+def test_without_a_reference_or_an_idle_run_the_targets_say_what_they_lack(tmp_path):
+    no_idle = sweep_report([stream_run(256, True)])
+    no_idle["sweep"]["latency_vs_idle"] = None
+    targets = summarize({}, tmp_path, ours=write(tmp_path, "ours", no_idle))["targets"]
+    assert targets["capacity_over_reference"] == {"target": 10.0, "value": None, "met": None}
+    assert targets["latency_under_full_load"]["met"] is None
+    assert "no idle run" in targets["latency_under_full_load"]["why_unjudged"]
+
+
+def test_the_command_line_writes_json_and_refuses_mixed_up_inputs(inputs, tmp_path):
+    out = tmp_path / "streams.json"
+    command = [sys.executable, str(ROOT / "benchmarks/streams_summary.py")]
+    all_inputs = [arg for name, path in inputs.items() for arg in (f"--{name}", str(path))]
+    done = subprocess.run([*command, *all_inputs, "--out", str(out)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(out.read_text())["systems"]["blocking"]["max_realtime_streams"] == 320
+    assert "dispider-vllm    largest real-time N 640, first not: 704" in done.stdout
+    for args, message in (((["--ours", inputs["blocking"]]), "a blocking sweep"),
+                          ((["--ours", inputs["ours"], "--blocking", inputs["ours"]]), "did not block"),
+                          ((["--ours", inputs["plain"]]), "not a load_streams report"),
+                          ((["--ours", tmp_path / "missing.json"]), "cannot read")):
+        refused = subprocess.run([*command, *map(str, args), "--out", str(out)], capture_output=True, text=True,
+                                 timeout=60)
+        assert refused.returncode != 0 and message in refused.stderr, refused.stderr
