@@ -26,8 +26,8 @@
 # Each step writes its JSON into the results folder as soon as it ends, so a run cut short keeps what finished.
 # Stream counts and durations: OURS_N, MPS_N, BLOCKING_N, PLAIN_N, DURATION (ours, mps), BASE_DURATION (the others);
 # MPS_SERVER_ARGS: more server options for the mps step (e.g. --reaction-mps-priority normal), MPS_OUT its report's
-# name (default streams_mps_h200.json), MPS_BLOCKING_N a blocking sweep on the mps step's server after its own
-# (MPS_BLOCKING_OUT, default streams_mps_blocking_h200.json), MPS_LOAD_ARGS more load_streams.py options
+# name (default streams_mps_h200.json), MPS_BLOCKING_N a blocking sweep on the mps step's server after its own, as
+# long as its (MPS_BLOCKING_OUT, default streams_mps_blocking_h200.json), MPS_LOAD_ARGS more load_streams.py options
 # (e.g. --client-pool shared),
 # SAMPLE_HOST=1 samples the GPU's and the host's use during its sweep (nvidia-smi
 # dmon, vmstat, top, into samples_mps/ with host_samples.py's summary.json);
@@ -126,7 +126,7 @@ if wants mps; then
       if [[ -n "${MPS_BLOCKING_N:-}" ]]; then
         say "mps: blocking sweep $MPS_BLOCKING_N on the same server"
         # shellcheck disable=SC2086
-        sweep "$RESULTS/${MPS_BLOCKING_OUT:-streams_mps_blocking_h200.json}" "${BASE_DURATION:-64}" \
+        sweep "$RESULTS/${MPS_BLOCKING_OUT:-streams_mps_blocking_h200.json}" "${DURATION:-96}" \
           --max-tokens "${MAX_TOKENS:-32}" ${MPS_LOAD_ARGS:-} --blocking-reaction --no-warmup --sweep $MPS_BLOCKING_N
       fi
       if [[ ${#samplers[@]} -gt 0 ]]; then

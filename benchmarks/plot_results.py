@@ -152,11 +152,11 @@ def draw_bound(ax, seconds: float, what: str) -> None:
                 xytext=(0, 3), textcoords="offset points", fontsize=8)
 
 
-def spaced_labels(stream_counts: list[int], min_octaves: float = 0.5) -> list[str]:
-    """Labels of sorted N, blank where N is within ``min_octaves`` (on log 2) of the last labelled one."""
+def spaced_labels(stream_counts: list[int], min_share: float = 0.06) -> list[str]:
+    """Labels of sorted N, blank where N is within ``min_share`` of the largest N of the last labelled one."""
     labels, last = [], None
     for n in stream_counts:
-        if last is None or math.log2(n) - math.log2(last) >= min_octaves:
+        if last is None or n - last >= min_share * stream_counts[-1]:
             labels.append(str(n))
             last = n
         else:
@@ -165,15 +165,15 @@ def spaced_labels(stream_counts: list[int], min_octaves: float = 0.5) -> list[st
 
 
 def format_stream_axis(ax, stream_counts: list[int]) -> None:
-    """Log-2 N axis ticked at the N that were run (sweeps double N); a label that would touch the previous one is
-    left out (256, 320, 384, 448 sit close on a log axis)."""
-    ax.set_xscale("log", base=2)
+    """Linear N axis from 0, ticked at the N that were run (sweeps bunch up near their largest real-time N); a label
+    that would touch the previous one is left out."""
     ax.set_xticks(stream_counts)
     ax.set_xticklabels(spaced_labels(stream_counts))
     ax.minorticks_off()
     ax.set_xlabel("concurrent live streams N")
     ax.grid(True, which="major", alpha=0.3)
-    ax.margins(x=0.06)  # keep the end markers off the frame
+    ax.set_xlim(left=0)
+    ax.margins(x=0.04)  # keep the end markers off the frame
 
 
 def say_empty(ax, message: str) -> None:

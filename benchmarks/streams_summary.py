@@ -6,7 +6,9 @@
 
 Reads the reports of one GPU session and measures nothing:
 
-- ``--ours``: dispider-vllm's sweep (``load_streams.py --sweep``, N = 1 first for the idle server);
+- ``--ours``: dispider-vllm's sweep (``load_streams.py --sweep``, N = 1 first for the idle server); several files
+  (one server configuration on one machine, e.g. a sweep resumed on a fresh server at an N it skipped) are merged:
+  their runs in order of N, each marked with its file, and the sweep judged again over all of them;
 - ``--blocking``: the same server's sweep with sessions opened with ``"blocking_reaction": true``;
 - ``--plain``: plain vLLM serving the reaction LLM alone under the answer load of N streams
   (``plain_vllm_bench.py``): a run keeps up when every answer came and its p99 time to first token is within the
@@ -28,11 +30,14 @@ import json
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from load_streams import latency_against_idle  # noqa: E402
+
 CLIP_SECONDS = 16
 TARGET_STREAMS = 256
 TARGET_RATIO = 10.0
 TARGET_LATENCY_FACTOR = 1.5
-STEP_PHASES = ("preprocess_wait", "perceive_frames", "prefill_frames", "perceive", "decide")
+PER_SWEEP_CONFIG = ("stream_counts", "client_procs_by_streams")  # what may differ between merged sweeps
 
 
 def load_report(path: Path, benchmark: str) -> dict:
@@ -45,15 +50,49 @@ def load_report(path: Path, benchmark: str) -> dict:
     return report
 
 
+def judge_sweep(runs: list[dict], criteria: dict, idle_factor: float) -> dict:
+    """load_streams.py's verdict over runs in order of N: the largest real-time N below the first that was not."""
+    first_not = next((run["streams"] for run in runs if not run["realtime"]["ok"]), None)
+    passing = [run["streams"] for run in runs
+               if run["realtime"]["ok"] and (first_not is None or run["streams"] < first_not)]
+    return {"max_realtime_streams": max(passing, default=None), "first_not_realtime": first_not,
+            "criteria": criteria, "latency_vs_idle": latency_against_idle(runs, idle_factor)}
+
+
+def merge_sweeps(reports: list[dict], paths: list[Path]) -> dict:
+    """One report of several sweeps of one server configuration on one device."""
+    first = reports[0]
+    same = {key: value for key, value in first["config"].items() if key not in PER_SWEEP_CONFIG}
+    for report, path in zip(reports[1:], paths[1:]):
+        differing = sorted(key for key, value in same.items() if report["config"].get(key) != value)
+        if differing or report["device"] != first["device"]:
+            raise SystemExit(f"{path}: not the configuration of {paths[0]} (differs in "
+                             f"{', '.join(differing) or 'device'}): sweeps merge only when they differ in N alone")
+    runs = sorted(({**run, "source": str(path)} for report, path in zip(reports, paths) for run in report["runs"]),
+                  key=lambda run: run["streams"])
+    if len({run["streams"] for run in runs}) < len(runs):
+        raise SystemExit(f"{', '.join(map(str, paths))}: the same N in two sweeps: which one counts is not clear")
+    factor = (first["sweep"].get("latency_vs_idle") or {}).get("factor", TARGET_LATENCY_FACTOR)
+    return {**first, "config": {**first["config"], "stream_counts": [run["streams"] for run in runs]},
+            "merged_from": [{"file": str(path), "started": report.get("started"),
+                             "streams": report["config"]["stream_counts"]} for report, path in zip(reports, paths)],
+            "runs": runs, "sweep": judge_sweep(runs, first["sweep"]["criteria"], factor)}
+
+
+def one_sweep(reports: list[dict], paths: list[Path]) -> dict:
+    for report, path in zip(reports, paths):
+        if report.get("sweep") is None:
+            raise SystemExit(f"{path}: a load_streams report without a sweep (run it with --sweep)")
+    return reports[0] if len(reports) == 1 else merge_sweeps(reports, paths)
+
+
 def sweep_system(report: dict, path: Path) -> dict:
-    """A load_streams sweep's largest real-time N, the first N that was not, and the N it ran."""
-    sweep = report.get("sweep")
-    if sweep is None:
-        raise SystemExit(f"{path}: a load_streams report without a sweep (run it with --sweep)")
+    """A load_streams sweep's largest real-time N, the first N that was not, the N it ran and for how long."""
+    sweep = report["sweep"]
     first_not = sweep["first_not_realtime"]
     return {"max_realtime_streams": sweep["max_realtime_streams"], "first_not_realtime": first_not,
-            "streams_run": [run["streams"] for run in report["runs"]],
-            "bounded_above": first_not is not None, "source": str(path)}
+            "streams_run": [run["streams"] for run in report["runs"]], "bounded_above": first_not is not None,
+            "duration_s": report["config"]["duration_s"], "source": path}
 
 
 def plain_keeps_up(run: dict) -> bool:
@@ -130,16 +169,17 @@ def describe_input(report: dict, path: Path) -> dict:
 
 
 def summarize(args: argparse.Namespace) -> dict:
-    ours = load_report(args.ours, "load_streams")
+    ours_reports = [load_report(path, "load_streams") for path in args.ours]
+    ours = one_sweep(ours_reports, args.ours)
     if ours["config"].get("blocking_reaction"):
-        raise SystemExit(f"{args.ours}: a blocking sweep, not dispider-vllm's own (pass it as --blocking)")
-    systems = {"dispider-vllm": sweep_system(ours, args.ours)}
-    inputs = [describe_input(ours, args.ours)]
+        raise SystemExit(f"{args.ours[0]}: a blocking sweep, not dispider-vllm's own (pass it as --blocking)")
+    systems = {"dispider-vllm": sweep_system(ours, ", ".join(map(str, args.ours)))}
+    inputs = [describe_input(report, path) for report, path in zip(ours_reports, args.ours)]
     if args.blocking:
-        blocking = load_report(args.blocking, "load_streams")
+        blocking = one_sweep([load_report(args.blocking, "load_streams")], [args.blocking])
         if not blocking["config"].get("blocking_reaction"):
             raise SystemExit(f"{args.blocking}: its sessions did not block (run load_streams.py --blocking-reaction)")
-        systems["blocking"] = sweep_system(blocking, args.blocking)
+        systems["blocking"] = sweep_system(blocking, str(args.blocking))
         inputs.append(describe_input(blocking, args.blocking))
     if args.plain:
         plain = load_report(args.plain, "plain_vllm")
@@ -159,6 +199,10 @@ def print_summary(summary: dict) -> None:
     for name, system in summary["systems"].items():
         above = f", first not: {system['first_not_realtime']}" if system.get("first_not_realtime") else ""
         print(f"  {name:16} largest real-time N {system['max_realtime_streams']}{above}")
+    durations = {system["duration_s"] for system in summary["systems"].values() if "duration_s" in system}
+    if len(durations) > 1:
+        print(f"  (the live sweeps streamed for different durations: {sorted(durations)} s; a longer run shows a "
+              "backlog sooner)")
     for name, target in summary["targets"].items():
         value = target.get("value", target.get("p50_over_idle"))
         print(f"  target {name}: {value} (met: {target['met']})")
@@ -167,7 +211,8 @@ def print_summary(summary: dict) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ours", type=Path, required=True, metavar="FILE", help="dispider-vllm's load_streams sweep")
+    parser.add_argument("--ours", type=Path, nargs="+", required=True, metavar="FILE",
+                        help="dispider-vllm's load_streams sweep (several: merged, see above)")
     parser.add_argument("--blocking", type=Path, metavar="FILE", help="the blocking sweep on the same server")
     parser.add_argument("--plain", type=Path, metavar="FILE", help="plain_vllm_bench.py's report")
     parser.add_argument("--reference", type=Path, metavar="FILE", help="reference_bench.py's report")

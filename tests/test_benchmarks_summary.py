@@ -14,9 +14,10 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import streams_summary  # noqa: E402
 
 
-def stream_run(streams: int, realtime: bool, perceive_s: float = 0.05, steps: int = 100) -> dict:
+def stream_run(streams: int, realtime: bool, perceive_s: float = 0.05, steps: int = 100, p50: float = 0.02) -> dict:
     phase = {"count": steps, "mean": perceive_s}
     return {"streams": streams, "wall_s": 100.0, "realtime": {"ok": realtime},
+            "decisions": {"count": 6 * streams, "latency_server_s": {"p50": p50, "p99": 5 * p50}},
             "server_metrics": {"sidecar_steps": {"step_s": {
                 "perceive": phase, "decide": {"count": steps, "mean": 0.01},
                 "prefill_frames": {"count": 0, "mean": None}}}}}
@@ -32,10 +33,11 @@ def sweep_report(runs: list[dict], *, blocking: bool = False, idle_p50: float = 
             for run in runs]
     within = [row["streams"] for row in rows if row["p50_over_idle"] <= 1.5 and row["streams"] in passing]
     return {"benchmark": "load_streams", "device": "test GPU", "started": "today",
-            "config": {"blocking_reaction": blocking, "duration_s": 96},
+            "config": {"blocking_reaction": blocking, "duration_s": 96, "stream_counts": [r["streams"] for r in runs]},
             "runs": runs,
             "sweep": {"max_realtime_streams": max(passing, default=None), "first_not_realtime": first_not,
-                      "latency_vs_idle": {"idle_p50_s": idle_p50, "idle_p99_s": 0.05, "runs": rows,
+                      "criteria": {"max_p99_decision_s": 2.0},
+                      "latency_vs_idle": {"factor": 1.5, "idle_p50_s": idle_p50, "idle_p99_s": 0.05, "runs": rows,
                                           "largest_streams_within_factor_p50": max(within, default=None)}}}
 
 
@@ -133,3 +135,33 @@ def test_the_command_line_writes_json_and_refuses_mixed_up_inputs(inputs, tmp_pa
         refused = subprocess.run([*command, *map(str, args), "--out", str(out)], capture_output=True, text=True,
                                  timeout=60)
         assert refused.returncode != 0 and message in refused.stderr, refused.stderr
+
+
+def test_sweeps_of_one_configuration_merge_in_order_of_n(tmp_path):
+    """A sweep that missed at 832 after 320, and 768 run on a fresh server after it: judged together."""
+    first = write(tmp_path, "first", sweep_report([stream_run(1, True), stream_run(320, True, p50=0.028),
+                                                   stream_run(832, False, p50=0.4)]))
+    resumed = write(tmp_path, "resumed", sweep_report([stream_run(768, True, p50=0.25)]))
+    summary = summarize({}, tmp_path, ours=first)  # the first alone: 320
+    assert summary["systems"]["dispider-vllm"]["max_realtime_streams"] == 320
+    args = streams_summary.build_parser().parse_args(["--ours", str(first), str(resumed), "--out", str(tmp_path / "o")])
+    merged = streams_summary.summarize(args)
+    assert [(run["streams"], Path(run["source"]).name) for run in merged["runs"]] == \
+        [(1, "first.json"), (320, "first.json"), (768, "resumed.json"), (832, "first.json")]
+    assert merged["sweep"]["max_realtime_streams"] == 768 and merged["sweep"]["first_not_realtime"] == 832
+    assert merged["config"]["stream_counts"] == [1, 320, 768, 832] and len(merged["merged_from"]) == 2
+    latency = merged["targets"]["latency_under_full_load"]
+    assert latency["at_streams"] == 768 and latency["p50_over_idle"] == 12.5
+    assert latency["largest_streams_within_factor_p50"] == 320  # 0.028 / 0.02 = 1.4
+    assert [item["file"] for item in merged["inputs"]] == [str(first), str(resumed)]
+
+
+def test_sweeps_of_different_configurations_or_the_same_n_do_not_merge(tmp_path):
+    first = write(tmp_path, "first", sweep_report([stream_run(1, True), stream_run(320, True)]))
+    longer = sweep_report([stream_run(768, True)])
+    longer["config"]["duration_s"] = 64
+    again = write(tmp_path, "again", sweep_report([stream_run(320, True)]))
+    for other, message in ((write(tmp_path, "longer", longer), "differs in duration_s"), (again, "the same N")):
+        args = streams_summary.build_parser().parse_args(["--ours", str(first), str(other), "--out", str(tmp_path)])
+        with pytest.raises(SystemExit, match=message):
+            streams_summary.summarize(args)
