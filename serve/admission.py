@@ -27,6 +27,12 @@ The cost file, e.g. for an H200::
 
 (JSON has no comments: leave them out.) A chat completion that plays its video faster than real time counts as
 one stream too: the sidecar's fair batching spreads its burst over the other streams' turns.
+
+``--capacity-file`` also takes a sweep measured on the same GPU and configuration (a ``benchmarks/load_streams.py
+--sweep`` report, e.g. ``benchmarks/results/streams_h200.json``). ``--capacity-bound realtime`` (the default) admits
+its largest real-time N; ``--capacity-bound latency`` its largest real-time N whose median decision latency stayed
+within the sweep's ``--idle-factor`` (1.5) of its idle run's (``sweep.latency_vs_idle``): fewer streams, each
+decided about as fast as on an idle server. A sweep's N are the ones it ran: the capacity is at most that precise.
 """
 
 from __future__ import annotations
@@ -70,13 +76,38 @@ class StreamCosts:
         return max(1, math.floor(self.headroom * min(self.sidecar_streams(), self.reaction_streams())))
 
 
-def load_cost_file(path: str | Path) -> StreamCosts:
-    path = Path(path)
+CAPACITY_BOUNDS = ("realtime", "latency")
+
+
+def read_document(path: Path) -> object:
     try:
         text = path.read_text()
-        document = tomllib.loads(text) if path.suffix.lower() == ".toml" else json.loads(text)
+        return tomllib.loads(text) if path.suffix.lower() == ".toml" else json.loads(text)
     except (OSError, tomllib.TOMLDecodeError, json.JSONDecodeError) as error:
         raise ValueError(f"{path}: {error}") from None
+
+
+def is_sweep(document: object) -> bool:
+    return isinstance(document, dict) and document.get("benchmark") == "load_streams"
+
+
+def sweep_capacity(sweep_report: dict, bound: str, path: Path) -> int:
+    """The largest real-time N of a load_streams sweep, or of those within its latency factor of the idle run."""
+    sweep = sweep_report.get("sweep") or {}
+    if bound == "realtime":
+        streams, lacking = sweep.get("max_realtime_streams"), "no real-time N (or is not a --sweep report)"
+    else:
+        against_idle = sweep.get("latency_vs_idle") or {}
+        streams = against_idle.get("largest_streams_within_factor_p50")
+        lacking = "no real-time N within its latency factor of an idle run (a sweep needs N = 1 for that)"
+    if not isinstance(streams, int) or isinstance(streams, bool) or streams < 1:
+        raise ValueError(f"{path}: the sweep has {lacking}")
+    return streams
+
+
+def load_cost_file(path: str | Path) -> StreamCosts:
+    path = Path(path)
+    document = read_document(path)
     known = {field.name for field in fields(StreamCosts)}
     if not isinstance(document, dict) or set(document) - known:
         raise ValueError(f"{path}: a cost file is an object with the fields {sorted(known)}")
@@ -86,11 +117,25 @@ def load_cost_file(path: str | Path) -> StreamCosts:
         raise ValueError(f"{path}: {error}") from None
 
 
-def capacity_streams(max_sessions: int, capacity_streams: int | None, capacity_file: str | None) -> int:
+def file_capacity(capacity_file: str | Path, bound: str = "realtime") -> int:
+    """The streams a cost file models, or a sweep measured (``bound``: which of its capacities)."""
+    path = Path(capacity_file)
+    if bound not in CAPACITY_BOUNDS:
+        raise ValueError(f"capacity bound must be one of {', '.join(CAPACITY_BOUNDS)}, not {bound!r}")
+    document = read_document(path)
+    if is_sweep(document):
+        return sweep_capacity(document, bound, path)
+    if bound != "realtime":
+        raise ValueError(f"{path}: --capacity-bound {bound} needs a load_streams sweep (a cost file models no latency)")
+    return load_cost_file(path).capacity_streams()
+
+
+def capacity_streams(max_sessions: int, capacity_streams: int | None, capacity_file: str | None,
+                     bound: str = "realtime") -> int:
     """The number of streams the server runs at once (see the module docstring)."""
     modelled = capacity_streams
     if modelled is None and capacity_file:
-        modelled = load_cost_file(capacity_file).capacity_streams()
+        modelled = file_capacity(capacity_file, bound)
     return max_sessions if modelled is None else min(max_sessions, modelled)
 
 

@@ -18,6 +18,7 @@ from serve.config import (
     resolve_model_parts,
 )
 from serve.access_log import ACCESS_LOG_MODES, filter_access_log
+from serve.admission import CAPACITY_BOUNDS
 from serve.placement import PlacementError, host_placement
 
 DESCRIPTION = """\
@@ -226,7 +227,12 @@ def build_parser() -> argparse.ArgumentParser:
                               "behind real time; more get 503 + Retry-After (default: --max-sessions)")
     tenancy.add_argument("--capacity-file", metavar="FILE",
                          help="or: a cost file calibrated by the benchmarks (sidecar clips/s, reaction tokens/s, "
-                              "...) from which the capacity is computed (formula: `pydoc serve.admission`)")
+                              "...) from which the capacity is computed (formula: `pydoc serve.admission`), or a "
+                              "load_streams.py sweep measured on this GPU (benchmarks/results/streams_h200.json)")
+    tenancy.add_argument("--capacity-bound", choices=list(CAPACITY_BOUNDS), default=defaults.capacity_bound,
+                         help="with a sweep as --capacity-file: admit its largest real-time N (realtime, the "
+                              "default) or its largest real-time N whose median decision latency stayed within the "
+                              "sweep's --idle-factor (1.5) of the idle server's (latency)")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                         help="log level (default info)")
     return parser
@@ -257,7 +263,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         event_buffer=args.event_buffer, blocking_reaction=args.blocking_reaction,
         scheduling_policy=args.scheduling_policy, reaction_mps_priority=args.reaction_mps_priority,
         tenants_file=args.tenants,
-        capacity_streams=args.capacity_streams, capacity_file=args.capacity_file, log_level=args.log_level,
+        capacity_streams=args.capacity_streams, capacity_file=args.capacity_file,
+        capacity_bound=args.capacity_bound, log_level=args.log_level,
     )
 
 

@@ -86,7 +86,8 @@ class ServerConfig:
     # tenants and capacity (serve.tenants, serve.quotas, serve.admission)
     tenants_file: str | None = None  # None: open mode, every request is the tenant "default"
     capacity_streams: int | None = None  # streams admitted at once (besides max_sessions)
-    capacity_file: str | None = None  # or a cost file, calibrated by the benchmarks
+    capacity_file: str | None = None  # or a cost file, calibrated by the benchmarks, or a measured sweep
+    capacity_bound: str = "realtime"  # a sweep's capacity: "realtime" (largest real-time N) or "latency"
     log_level: str = "info"
 
     @property
@@ -109,7 +110,7 @@ class ServerConfig:
         """Streams admitted at once (raises ValueError on a bad cost file)."""
         from serve.admission import capacity_streams
 
-        return capacity_streams(self.max_sessions, self.capacity_streams, self.capacity_file)
+        return capacity_streams(self.max_sessions, self.capacity_streams, self.capacity_file, self.capacity_bound)
 
     @property
     def url(self) -> str:

@@ -293,6 +293,38 @@ def test_capacity_cost_model(tmp_path):
     assert int(error.response().headers["retry-after"]) >= 1
 
 
+def test_capacity_from_a_measured_sweep(tmp_path):
+    """A load_streams sweep as --capacity-file: its largest real-time N, or the largest within its latency factor."""
+    sweep = {"benchmark": "load_streams", "sweep": {"max_realtime_streams": 768, "latency_vs_idle": {
+        "factor": 1.5, "largest_streams_within_factor_p50": 320}}}
+    sweep_file = tmp_path / "streams.json"
+    sweep_file.write_text(json.dumps(sweep))
+    assert capacity_streams(1000, None, str(sweep_file)) == 768
+    assert capacity_streams(1000, None, str(sweep_file), "latency") == 320
+    assert capacity_streams(100, None, str(sweep_file), "latency") == 100  # --max-sessions stays a hard cap
+    sweep["sweep"]["latency_vs_idle"] = None  # a sweep without its idle run
+    sweep_file.write_text(json.dumps(sweep))
+    with pytest.raises(ValueError, match="needs N = 1"):
+        capacity_streams(1000, None, str(sweep_file), "latency")
+    sweep["sweep"]["max_realtime_streams"] = None
+    sweep_file.write_text(json.dumps(sweep))
+    with pytest.raises(ValueError, match="no real-time N"):
+        capacity_streams(1000, None, str(sweep_file))
+    cost_file = tmp_path / "costs.json"
+    cost_file.write_text(json.dumps({"sidecar_clips_per_s": 10, "reaction_tokens_per_s": 400}))
+    with pytest.raises(ValueError, match="a cost file models no latency"):
+        capacity_streams(1000, None, str(cost_file), "latency")
+    # The committed sweep of record names both capacities, and the server's command line takes them.
+    from serve.cli import build_parser, config_from_args
+
+    record = str(Path(__file__).resolve().parents[1] / "benchmarks/results/streams_h200.json")
+    args = build_parser().parse_args(["--capacity-file", record, "--capacity-bound", "latency",
+                                      "--max-sessions", "4096"])
+    config = config_from_args(args)
+    latency_bound = config.stream_capacity()
+    assert 1 <= latency_bound < capacity_streams(4096, None, record)
+
+
 def test_keys_from_requests_and_kept_out_of_logs():
     http = {"type": "http", "headers": [(b"authorization", b"Bearer abc")], "query_string": b"api_key=q"}
     assert presented_key(http) == "abc"
