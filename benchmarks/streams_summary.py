@@ -209,10 +209,10 @@ def print_summary(summary: dict) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ours", type=Path, nargs="+", required=True, metavar="FILE",
-                        help="dispider-vllm's load_streams sweep (several: merged, see above)")
+                        help="dispider-vllm's load_streams sweep (several: merged, as above)")
     parser.add_argument("--blocking", type=Path, metavar="FILE", help="the blocking sweep on the same server")
     parser.add_argument("--plain", type=Path, metavar="FILE", help="plain_vllm_bench.py's report")
     parser.add_argument("--reference", type=Path, metavar="FILE", help="reference_bench.py's report")
