@@ -16,6 +16,9 @@ Reads the reports of one GPU session and measures nothing:
 - ``--reference``: the reference-style computation with its blocking reaction (``reference_bench.py``): its
   real-time streams are 16 s over the cost of a clip, a fraction.
 
+A file that is not the report its option expects (another benchmark's, one without a field the summary uses, not
+JSON, missing) is refused in one line naming the option, the file and what it lacks, with exit status 2.
+
 The output is the ``--ours`` report unchanged, plus ``systems`` (the largest real-time N of each, and the first N
 that was not, where the sweep reached one), ``targets`` (>= 256 real-time streams, >= 10x the reference-style
 capacity, decision latency at the largest real-time N within 1.5x of the idle server's), ``sidecar_busy`` (the
@@ -40,13 +43,92 @@ TARGET_LATENCY_FACTOR = 1.5
 PER_SWEEP_CONFIG = ("stream_counts", "client_procs_by_streams")  # what may differ between merged sweeps
 
 
-def load_report(path: Path, benchmark: str) -> dict:
+class ReportError(ValueError):
+    """An input that is not the report its option expects: the user's mistake, told in one line, not a traceback."""
+
+
+_ABSENT = object()
+
+
+def lookup(report: dict, path: str) -> object:
+    """The value at a dotted path (``"sweep.criteria"``), or ``_ABSENT`` where a part is missing or not an object."""
+    value = report
+    for key in path.split("."):
+        if not isinstance(value, dict) or key not in value:
+            return _ABSENT
+        value = value[key]
+    return value
+
+
+def is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def require(report: dict, what: str, fields: tuple[str, ...], numbers: tuple[str, ...] = (), prefix: str = "") -> None:
+    """Refuse report (``what``: "--ours FILE is not a ...") without each of fields and numbers, or with one of numbers
+    not a number; ``prefix`` places a run's fields in its report (``"runs[2]."``)."""
+    for path in (*fields, *numbers):
+        if lookup(report, path) is _ABSENT:
+            raise ReportError(f"{what}: it has no {prefix + path!r}")
+    for path in numbers:
+        if not is_number(value := lookup(report, path)):
+            raise ReportError(f"{what}: its {prefix + path!r} is not a number ({value!r})")
+
+
+def require_runs(report: dict, what: str, fields: tuple[str, ...]) -> None:
+    """Every run with fields, and its N a number (the runs are sorted and compared by it)."""
+    if not isinstance(report["runs"], list):
+        raise ReportError(f"{what}: its 'runs' is not a list")
+    for index, run in enumerate(report["runs"]):
+        require(run, what, fields, numbers=("streams",), prefix=f"runs[{index}].")
+
+
+def check_sweep(report: dict, what: str) -> None:
+    """What the summary reads of a load_streams sweep; the decisions' latency, to judge merged sweeps again."""
+    if report.get("sweep") is None:  # load_streams.py writes a sweep only with --sweep
+        raise ReportError(f"{what}: it has no 'sweep' (run load_streams.py with --sweep)")
+    require(report, what, ("device", "config.duration_s", "config.stream_counts", "runs", "sweep.max_realtime_streams",
+                           "sweep.first_not_realtime", "sweep.criteria"))
+    require_runs(report, what, ("realtime.ok", "decisions.count", "decisions.latency_server_s.p50",
+                                "decisions.latency_server_s.p99"))
+    if report["sweep"].get("latency_vs_idle") is not None:  # None: no idle run, the latency target unjudged
+        require(report["sweep"]["latency_vs_idle"], what, ("idle_p50_s", "runs", "largest_streams_within_factor_p50"),
+                prefix="sweep.latency_vs_idle.")
+
+
+def check_plain(report: dict, what: str) -> None:
+    require(report, what, ("config.max_p99_ttft_s", "runs"))
+    require_runs(report, what, ("within_ttft_bound", "requests.planned", "requests.completed", "requests.failed",
+                                "requests.unfinished"))
+
+
+def check_reference(report: dict, what: str) -> None:
+    require(report, what, ("with_reaction.seconds_per_clip",),
+            numbers=("with_reaction.realtime_streams", "perception_decision.realtime_streams"))
+
+
+# Each benchmark's report as the summary reads it, and its check.
+REPORT_KINDS = {"load_streams": ("a load_streams sweep", check_sweep),
+                "plain_vllm": ("a plain_vllm report", check_plain),
+                "reference": ("a reference report", check_reference)}
+
+
+def load_report(path: Path, option: str, benchmark: str) -> dict:
+    """The report given to option, refused with a ReportError unless it is benchmark's with what the summary reads."""
+    where = f"{option} {path}"
     try:
         report = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        raise SystemExit(f"{path}: cannot read a JSON report ({error})") from None
+    except OSError as error:
+        raise ReportError(f"{where}: cannot read it ({error.strerror or error})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ReportError(f"{where} is not a JSON report ({error})") from None
+    kind, check = REPORT_KINDS[benchmark]
+    what = f"{where} is not {kind}"
+    if not isinstance(report, dict):
+        raise ReportError(f"{what}: it is a JSON {type(report).__name__}, not an object")
     if report.get("benchmark") != benchmark:
-        raise SystemExit(f"{path}: not a {benchmark} report (its benchmark is {report.get('benchmark')!r})")
+        raise ReportError(f"{what}: its benchmark is {report.get('benchmark')!r}")
+    check(report, what)
     return report
 
 
@@ -59,31 +141,25 @@ def judge_sweep(runs: list[dict], criteria: dict, idle_factor: float) -> dict:
             "criteria": criteria, "latency_vs_idle": latency_against_idle(runs, idle_factor)}
 
 
-def merge_sweeps(reports: list[dict], paths: list[Path]) -> dict:
+def merge_sweeps(reports: list[dict], paths: list[Path], option: str) -> dict:
     """One report of several sweeps of one server configuration on one device."""
     first = reports[0]
     same = {key: value for key, value in first["config"].items() if key not in PER_SWEEP_CONFIG}
     for report, path in zip(reports[1:], paths[1:]):
         differing = sorted(key for key, value in same.items() if report["config"].get(key) != value)
         if differing or report["device"] != first["device"]:
-            raise SystemExit(f"{path}: not the configuration of {paths[0]} (differs in "
-                             f"{', '.join(differing) or 'device'}): sweeps merge only when they differ in N alone")
+            raise ReportError(f"{option} {path}: not the configuration of {paths[0]} (differs in "
+                              f"{', '.join(differing) or 'device'}): sweeps merge only when they differ in N alone")
     runs = sorted(({**run, "source": str(path)} for report, path in zip(reports, paths) for run in report["runs"]),
                   key=lambda run: run["streams"])
     if len({run["streams"] for run in runs}) < len(runs):
-        raise SystemExit(f"{', '.join(map(str, paths))}: the same N in two sweeps: which one counts is not clear")
+        raise ReportError(f"{option} {', '.join(map(str, paths))}: the same N in two sweeps: which one counts is "
+                          "not clear")
     factor = (first["sweep"].get("latency_vs_idle") or {}).get("factor", TARGET_LATENCY_FACTOR)
     return {**first, "config": {**first["config"], "stream_counts": [run["streams"] for run in runs]},
             "merged_from": [{"file": str(path), "started": report.get("started"),
                              "streams": report["config"]["stream_counts"]} for report, path in zip(reports, paths)],
             "runs": runs, "sweep": judge_sweep(runs, first["sweep"]["criteria"], factor)}
-
-
-def one_sweep(reports: list[dict], paths: list[Path]) -> dict:
-    for report, path in zip(reports, paths):
-        if report.get("sweep") is None:
-            raise SystemExit(f"{path}: a load_streams report without a sweep (run it with --sweep)")
-    return reports[0] if len(reports) == 1 else merge_sweeps(reports, paths)
 
 
 def sweep_system(report: dict, path: Path) -> dict:
@@ -169,24 +245,25 @@ def describe_input(report: dict, path: Path) -> dict:
 
 
 def summarize(args: argparse.Namespace) -> dict:
-    ours_reports = [load_report(path, "load_streams") for path in args.ours]
-    ours = one_sweep(ours_reports, args.ours)
+    ours_reports = [load_report(path, "--ours", "load_streams") for path in args.ours]
+    ours = ours_reports[0] if len(ours_reports) == 1 else merge_sweeps(ours_reports, args.ours, "--ours")
     if ours["config"].get("blocking_reaction"):
-        raise SystemExit(f"{args.ours[0]}: a blocking sweep, not dispider-vllm's own (pass it as --blocking)")
+        raise ReportError(f"--ours {args.ours[0]}: a blocking sweep, not dispider-vllm's own (pass it as --blocking)")
     systems = {"dispider-vllm": sweep_system(ours, ", ".join(map(str, args.ours)))}
     inputs = [describe_input(report, path) for report, path in zip(ours_reports, args.ours)]
     if args.blocking:
-        blocking = one_sweep([load_report(args.blocking, "load_streams")], [args.blocking])
+        blocking = load_report(args.blocking, "--blocking", "load_streams")
         if not blocking["config"].get("blocking_reaction"):
-            raise SystemExit(f"{args.blocking}: its sessions did not block (run load_streams.py --blocking-reaction)")
+            raise ReportError(f"--blocking {args.blocking}: its sessions did not block (run load_streams.py "
+                              "--blocking-reaction)")
         systems["blocking"] = sweep_system(blocking, str(args.blocking))
         inputs.append(describe_input(blocking, args.blocking))
     if args.plain:
-        plain = load_report(args.plain, "plain_vllm")
+        plain = load_report(args.plain, "--plain", "plain_vllm")
         systems["plain vLLM"] = plain_system(plain, args.plain)
         inputs.append(describe_input(plain, args.plain))
     if args.reference:
-        reference = load_report(args.reference, "reference")
+        reference = load_report(args.reference, "--reference", "reference")
         systems["reference-style"] = reference_system(reference, args.reference)
         inputs.append(describe_input(reference, args.reference))
     return {**ours, "systems": systems, "targets": judge_targets(ours, systems), "sidecar_busy": busy_shares(ours),
@@ -222,7 +299,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    summary = summarize(args)
+    try:
+        summary = summarize(args)
+    except ReportError as error:  # a wrong input: one line and argparse's status, not a traceback
+        print(f"streams_summary: {error}", file=sys.stderr)
+        return 2
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(summary, indent=1) + "\n")
     print_summary(summary)

@@ -130,7 +130,7 @@ def test_the_command_line_writes_json_and_refuses_mixed_up_inputs(inputs, tmp_pa
     assert "dispider-vllm    largest real-time N 640, first not: 704" in done.stdout
     for args, message in (((["--ours", inputs["blocking"]]), "a blocking sweep"),
                           ((["--ours", inputs["ours"], "--blocking", inputs["ours"]]), "did not block"),
-                          ((["--ours", inputs["plain"]]), "not a load_streams report"),
+                          ((["--ours", inputs["plain"]]), "not a load_streams sweep"),
                           ((["--ours", tmp_path / "missing.json"]), "cannot read")):
         refused = subprocess.run([*command, *map(str, args), "--out", str(out)], capture_output=True, text=True,
                                  timeout=60)
@@ -163,5 +163,74 @@ def test_sweeps_of_different_configurations_or_the_same_n_do_not_merge(tmp_path)
     again = write(tmp_path, "again", sweep_report([stream_run(320, True)]))
     for other, message in ((write(tmp_path, "longer", longer), "differs in duration_s"), (again, "the same N")):
         args = streams_summary.build_parser().parse_args(["--ours", str(first), str(other), "--out", str(tmp_path)])
-        with pytest.raises(SystemExit, match=message):
+        with pytest.raises(streams_summary.ReportError, match=message):
             streams_summary.summarize(args)
+
+
+def without(report: dict, path: str) -> dict:
+    """report with the field at a dotted path (a run's: ``"runs.1.realtime"``) deleted."""
+    *parents, last = path.split(".")
+    parent = report
+    for key in parents:
+        parent = parent[int(key)] if isinstance(parent, list) else parent[key]
+    del parent[last]
+    return report
+
+
+def refused(args: list, tmp_path: Path) -> subprocess.CompletedProcess:
+    command = [sys.executable, str(ROOT / "benchmarks/streams_summary.py"), *map(str, args), "--out",
+               str(tmp_path / "o.json")]
+    return subprocess.run(command, capture_output=True, text=True, timeout=60)
+
+
+def assert_refused_in_one_line(done: subprocess.CompletedProcess, *parts: str) -> None:
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr and done.stderr.count("\n") == 1, done.stderr
+    assert done.stderr.startswith("streams_summary: ") and all(part in done.stderr for part in parts), done.stderr
+
+
+def test_a_missing_or_non_json_file_is_refused_in_one_line(inputs, tmp_path):
+    missing = tmp_path / "missing.json"
+    assert_refused_in_one_line(refused(["--ours", missing], tmp_path), f"--ours {missing}: cannot read it")
+    text = tmp_path / "notes.txt"
+    text.write_text("largest real-time N: 768\n")
+    assert_refused_in_one_line(refused(["--ours", inputs["ours"], "--plain", text], tmp_path),
+                               f"--plain {text} is not a JSON report")
+    assert not (tmp_path / "o.json").exists()
+
+
+def test_another_benchmarks_report_is_refused_in_one_line(inputs, tmp_path):
+    assert_refused_in_one_line(refused(["--ours", inputs["plain"]], tmp_path),
+                               f"--ours {inputs['plain']} is not a load_streams sweep: its benchmark is 'plain_vllm'")
+    assert_refused_in_one_line(refused(["--ours", inputs["ours"], "--reference", inputs["ours"]], tmp_path),
+                               f"--reference {inputs['ours']} is not a reference report")
+    listed = write(tmp_path, "listed", [json.loads(inputs["ours"].read_text())])
+    assert_refused_in_one_line(refused(["--ours", listed], tmp_path), f"--ours {listed}",
+                               "it is a JSON list, not an object")
+
+
+@pytest.mark.parametrize(("name", "field", "message"), [
+    ("ours", "runs", "it has no 'runs'"),
+    ("ours", "runs.1.realtime", "it has no 'runs[1].realtime.ok'"),
+    ("ours", "runs.2.streams", "it has no 'runs[2].streams'"),
+    ("ours", "config", "it has no 'config.duration_s'"),
+    ("ours", "sweep", "it has no 'sweep' (run load_streams.py with --sweep)"),
+    ("blocking", "device", "it has no 'device'"),
+    ("plain", "runs.0.requests", "it has no 'runs[0].requests.planned'"),
+    ("reference", "perception_decision", "it has no 'perception_decision.realtime_streams'"),
+])
+def test_a_report_without_a_field_the_summary_reads_is_refused_in_one_line(inputs, tmp_path, name, field, message):
+    broken = write(tmp_path, f"broken_{name}", without(json.loads(inputs[name].read_text()), field))
+    args = [arg for option, path in inputs.items() for arg in (f"--{option}", broken if option == name else path)]
+    assert_refused_in_one_line(refused(args, tmp_path), f"--{name} {broken} is not a ", message)
+
+
+def test_a_number_that_is_not_one_is_refused(inputs, tmp_path):
+    ours = json.loads(inputs["ours"].read_text())
+    ours["runs"][1]["streams"] = "320"
+    with pytest.raises(streams_summary.ReportError, match=r"its 'runs\[1\].streams' is not a number \('320'\)"):
+        summarize({}, tmp_path, ours=write(tmp_path, "ours_text_n", ours))
+    reference = json.loads(inputs["reference"].read_text())
+    reference["with_reaction"]["realtime_streams"] = None
+    with pytest.raises(streams_summary.ReportError, match="its 'with_reaction.realtime_streams' is not a number"):
+        summarize({}, tmp_path, ours=inputs["ours"], reference=write(tmp_path, "reference_no_n", reference))
