@@ -17,7 +17,8 @@ Reads the reports of one GPU session and measures nothing:
   real-time streams are 16 s over the cost of a clip, a fraction.
 
 A file that is not the report its option expects (another benchmark's, one without a field the summary uses, not
-JSON, missing) is refused in one line naming the option, the file and what it lacks, with exit status 2.
+JSON, missing) is refused in one line naming the option, the file and what it lacks, with exit status 2; so is an
+``--out`` that cannot be written.
 
 The output is the ``--ours`` report unchanged, plus ``systems`` (the largest real-time N of each, and the first N
 that was not, where the sweep reached one), ``targets`` (>= 256 real-time streams, >= 10x the reference-style
@@ -304,8 +305,12 @@ def main(argv: list[str] | None = None) -> int:
     except ReportError as error:  # a wrong input: one line and argparse's status, not a traceback
         print(f"streams_summary: {error}", file=sys.stderr)
         return 2
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(summary, indent=1) + "\n")
+    try:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(summary, indent=1) + "\n")
+    except OSError as error:
+        print(f"streams_summary: cannot write --out {args.out} ({error.strerror or error})", file=sys.stderr)
+        return 2
     print_summary(summary)
     print(f"wrote {args.out}")
     return 0

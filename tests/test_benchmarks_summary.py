@@ -199,6 +199,16 @@ def test_a_missing_or_non_json_file_is_refused_in_one_line(inputs, tmp_path):
     assert not (tmp_path / "o.json").exists()
 
 
+def test_an_out_path_that_cannot_be_written_is_refused_in_one_line(inputs, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    out = blocker / "summary.json"  # a folder that is a file
+    command = [sys.executable, str(ROOT / "benchmarks/streams_summary.py"), "--ours", str(inputs["ours"]),
+               "--out", str(out)]
+    assert_refused_in_one_line(subprocess.run(command, capture_output=True, text=True, timeout=60),
+                               f"cannot write --out {out}")
+
+
 def test_another_benchmarks_report_is_refused_in_one_line(inputs, tmp_path):
     assert_refused_in_one_line(refused(["--ours", inputs["plain"]], tmp_path),
                                f"--ours {inputs['plain']} is not a load_streams sweep: its benchmark is 'plain_vllm'")
