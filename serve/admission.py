@@ -133,6 +133,8 @@ def file_capacity(capacity_file: str | Path, bound: str = "realtime") -> int:
 def capacity_streams(max_sessions: int, capacity_streams: int | None, capacity_file: str | None,
                      bound: str = "realtime") -> int:
     """The number of streams the server runs at once (see the module docstring)."""
+    if bound != "realtime" and not capacity_file:  # else the option would be taken and silently do nothing
+        raise ValueError(f"--capacity-bound {bound} reads a measured sweep: give one with --capacity-file")
     modelled = capacity_streams
     if modelled is None and capacity_file:
         modelled = file_capacity(capacity_file, bound)

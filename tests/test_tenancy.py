@@ -314,6 +314,8 @@ def test_capacity_from_a_measured_sweep(tmp_path):
     cost_file.write_text(json.dumps({"sidecar_clips_per_s": 10, "reaction_tokens_per_s": 400}))
     with pytest.raises(ValueError, match="a cost file models no latency"):
         capacity_streams(1000, None, str(cost_file), "latency")
+    with pytest.raises(ValueError, match="--capacity-bound latency reads a measured sweep"):
+        capacity_streams(1000, None, None, "latency")
     # The committed sweep of record names both capacities, and the server's command line takes them.
     from serve.cli import build_parser, config_from_args
 
