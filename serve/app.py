@@ -109,6 +109,7 @@ def make_backends(config: ServerConfig, parts: ModelParts) -> Backends:
         frame_perception=config.frame_perception,
         kv_slots=config.sidecar_kv_slots,
         cuda_graphs=config.cuda_graphs,
+        lanes=config.sidecar_lanes,
         turn_log=config.sidecar_turn_log,
         quantization=config.sidecar_quantization,
         frame_ring_mb=config.frame_ring_mb,

@@ -132,6 +132,11 @@ def build_parser() -> argparse.ArgumentParser:
     sidecar.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
                          help="run the sidecar's small steps eagerly instead of replaying CUDA graphs (GPU only; "
                               "DISPIDER_CUDA_GRAPHS=0 does the same)")
+    sidecar.add_argument("--no-sidecar-lanes", dest="sidecar_lanes", action="store_false",
+                         help="run all of the sidecar's GPU work on one CUDA stream; by default the CLIP tower's "
+                              "passes over arrived frames that no closed clip waits for go on a low-priority stream "
+                              "and a closing clip's work on a high-priority one, so its decision does not queue "
+                              "behind them (GPU only; DISPIDER_SIDECAR_LANES=0 does the same)")
     sidecar.add_argument("--sidecar-turn-log", metavar="PATH",
                          help="write a JSON line for every turn of the sidecar's loop (commands taken in, step time, "
                               "clips) to PATH, to lay slow decisions against (benchmarks/turn_timeline.py); off by "
@@ -249,7 +254,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         sidecar_device=args.sidecar_device, sidecar_threads=args.sidecar_threads,
         preprocess_on=args.preprocess_on, preprocess_workers=args.preprocess_workers,
         frame_perception=args.frame_perception, sidecar_kv_slots=args.sidecar_kv_slots,
-        cuda_graphs=args.cuda_graphs, sidecar_turn_log=args.sidecar_turn_log,
+        cuda_graphs=args.cuda_graphs, sidecar_lanes=args.sidecar_lanes, sidecar_turn_log=args.sidecar_turn_log,
         sidecar_quantization=args.sidecar_quantization, quantization=args.quantization,
         frame_ring_mb=args.frame_ring_mb,
         max_batch_clips=args.max_batch_clips, max_kept_clips=args.max_kept_clips,

@@ -11,6 +11,7 @@ import gc
 import queue
 import time
 from collections import Counter
+from concurrent.futures import Future
 from pathlib import Path
 
 import numpy as np
@@ -274,6 +275,42 @@ def test_arrived_frames_go_to_the_tower_in_batches_or_when_a_clip_closes(modules
         new_engine(modules, part_dir, preprocess_on="host", frame_perception="arrival")
     with pytest.raises(ValueError, match="frame_perception is one of"):
         new_engine(modules, part_dir, preprocess_on="device", frame_perception="frame")
+
+
+def test_a_closing_clip_takes_only_its_own_frames_to_the_tower(modules, part_dir, frames):
+    """A step for a closed clip passes that clip's waiting frames, not every stream's: the others wait for their
+    batch (on a GPU, in the background lane: dispider_vllm/sidecar/lanes.py), so a close does not pay for them."""
+    engine = new_engine(modules, part_dir, preprocess_on="device", frame_perception="arrival",
+                        arrival_policy=ArrivalPolicy(batch_frames=64, wait_s=60.0))
+    try:
+        for stream_id in ("a", "b"):
+            engine.handle(OpenStream(stream_id, "What changes?"))
+        engine.handle(PushFrames("b", tuple(frames[:6])))  # 3 sampled frames, no clip closed
+        events = engine.handle(PushFrames("a", tuple(frames[:32])))  # 16 sampled: clip 0 closes
+        assert engine.has_work()
+        events += engine.step()
+        assert [type(e).__name__ for e in events] == ["ClipPerceived", "Decision"]
+        assert engine.frames_perceived_total == 16
+        assert [stream.stream_id for _, stream, _ in engine._arrived] == ["b"] * 3
+        assert not engine.has_work()  # b's frames wait for 64 or a minute
+        assert engine.features()["lanes"] is False  # the CPU: one lane
+    finally:
+        engine.close()
+
+
+def test_lanes_are_off_on_a_cpu_and_when_turned_off(monkeypatch):
+    from dispider_vllm.sidecar.lanes import GpuLanes, lanes_enabled
+
+    assert not lanes_enabled(torch.device("cpu"))
+    assert lanes_enabled(torch.device("cuda")) and not lanes_enabled(torch.device("cuda"), requested=False)
+    monkeypatch.setenv("DISPIDER_SIDECAR_LANES", "0")
+    assert not lanes_enabled(torch.device("cuda"))
+    lanes = GpuLanes(torch.device("cpu"))
+    made: Future = Future()
+    with lanes.urgent(), lanes.background([made]):
+        made.set_result(torch.zeros(2))
+    lanes.take([made])  # nothing to wait for on one lane
+    assert not lanes.enabled and made.result().tolist() == [0.0, 0.0]
 
 
 def test_streams_batched_together_match_each_stream_alone(modules, part_dir, frames):

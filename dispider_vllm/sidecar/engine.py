@@ -27,6 +27,7 @@ import random
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
+from contextlib import nullcontext
 from concurrent.futures import ALL_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
 
@@ -52,6 +53,7 @@ from dispider_vllm.perception.frames import (
     with_pixels,
 )
 from dispider_vllm.perception.modules import PerceptionDecisionModules
+from dispider_vllm.sidecar.lanes import GpuLanes
 from dispider_vllm.sidecar.protocol import (
     AskQuestion,
     ClipPerceived,
@@ -201,6 +203,7 @@ class SidecarEngine:
         fp8: bool = False,
         frame_perception: str = "clip",
         arrival_policy: ArrivalPolicy | None = None,
+        lanes: bool = True,
     ) -> None:
         """``preprocess_on``: "host" (the CPU resizes and normalises each frame) or "device" (the encoder does,
         on the model's device; the host only stacks a clip's uint8 frames, inline, and no pool runs).
@@ -213,7 +216,9 @@ class SidecarEngine:
         ``handle``, so which clips a step finds ready does not depend on timing (the sidecar process uses a pool).
         ``preprocess_wait_s``: how long a step waits at most for clips still being preprocessed (see ``step``).
         ``cuda_graphs``: perception of a few clips from CUDA graphs on a GPU (the decision's: ``decision_config``).
-        ``fp8``: both models' matmuls with FP8 weights and activations (dispider_vllm/fp8.py)."""
+        ``fp8``: both models' matmuls with FP8 weights and activations (dispider_vllm/fp8.py).
+        ``lanes``: on a GPU, the frames' CLIP passes no closing clip waits on go on a low-priority CUDA stream, the
+        rest of the work on a high-priority one (dispider_vllm/sidecar/lanes.py)."""
         if fp8:
             check_fp8_supported(modules.device)
         if preprocess_on not in PREPROCESS_PLACES:
@@ -236,6 +241,7 @@ class SidecarEngine:
         self.encoder = PerceptionEncoder(modules, cuda_graphs=cuda_graphs, fp8=fp8, preprocessor=self.preprocessor,
                                          prefix_slots=prefix_slots)
         self.decision = DecisionEngine(modules, decision_config, force_respond=respond_policy)
+        self.lanes = GpuLanes(modules.device, enabled=lanes)
         self.max_batch_clips = max_batch_clips
         self.streams: OrderedDict[str, StreamState] = OrderedDict()
         self._ready_clips = 0  # closed clips waiting in the streams' queues (``ready``), all streams together
@@ -259,10 +265,12 @@ class SidecarEngine:
         decode), so no live step stalls on a capture; what was captured and how long it took."""
         started = time.monotonic()
         clip_shape = (FRAMES_PER_CLIP, 3, self.preprocessor.crop_height, self.preprocessor.crop_width)
-        captured = {"perception": self.encoder.capture_graphs(clip_shape, perceived=self.frame_perception != "clip"),
-                    "decision": self.decision.capture_graphs()}
-        if self.frame_perception == "prefill":
-            captured["prefill"] = self.encoder.capture_prefill_graphs()
+        with self.lanes.urgent():  # the lane the graphs then replay on
+            captured = {"perception": self.encoder.capture_graphs(clip_shape,
+                                                                  perceived=self.frame_perception != "clip"),
+                        "decision": self.decision.capture_graphs()}
+            if self.frame_perception == "prefill":
+                captured["prefill"] = self.encoder.capture_prefill_graphs()
         self.graphs_captured = {**captured, "seconds": round(time.monotonic() - started, 2)}
         return self.graphs_captured
 
@@ -271,7 +279,7 @@ class SidecarEngine:
         return {"device": str(self.modules.device), "fused_ops": self.decision.lm.fused,
                 "cuda_graphs": {"perception": self.encoder.graphs.graphed, "decision": self.decision.lm.graphs.graphed},
                 "max_batch_clips": self.max_batch_clips, "preprocess_on": self.preprocess_on,
-                "frame_perception": self.frame_perception,
+                "frame_perception": self.frame_perception, "lanes": self.lanes.enabled,
                 "preprocess_workers": self.preprocess_workers,
                 "kv_slots": self.decision.pool.num_slots, "graphs_captured_at_start": self.graphs_captured,
                 "prefix_slots": self.encoder.prefix_pool.num_slots if self.encoder.prefix_pool else 0,
@@ -287,6 +295,10 @@ class SidecarEngine:
 
     # -- commands -----------------------------------------------------------------------------------------
     def handle(self, command: Command) -> list[Event]:
+        with self.lanes.urgent():  # a question's or a prefix's device work is read by the steps, on that lane
+            return self._handle(command)
+
+    def _handle(self, command: Command) -> list[Event]:
         if isinstance(command, OpenStream):
             return self._open(command)
         if isinstance(command, (PushFrames, PushEncoded, AskQuestion, CloseStream)):
@@ -424,11 +436,11 @@ class SidecarEngine:
         return self._ready_clips > 0 or self._frames_due()
 
     def _frames_due(self) -> bool:
+        """Whether the arrived frames no closed clip waits for are due for their pass (``ArrivalPolicy``)."""
         if not self._arrived:
             return False
         policy = self.arrival_policy
-        return (bool(self._closing) or len(self._arrived) >= policy.batch_frames
-                or time.monotonic() - self._arrived[0][0] >= policy.wait_s)
+        return len(self._arrived) >= policy.batch_frames or time.monotonic() - self._arrived[0][0] >= policy.wait_s
 
     def pending_clips(self) -> int:
         return self._ready_clips
@@ -457,6 +469,10 @@ class SidecarEngine:
         unless the finished ones fill a batch, the step first waits for those in preprocessing, at most
         ``preprocess_wait_s`` (which also keeps the loop from spinning while the only work is in the pool).
         """
+        with self.lanes.urgent():
+            return self._step()
+
+    def _step(self) -> list[Event]:
         if self._frames_due() or self._closing:
             self._perceive_arrived_frames()
         waited = self._wait_for_preprocessing()
@@ -480,31 +496,63 @@ class SidecarEngine:
         return events
 
     def _perceive_arrived_frames(self) -> None:
-        """The frames that arrived since the last pass, every stream's (oldest first, at most the policy's
-        ``max_frames``), through the CLIP tower as one batch; then each closed window whose frames all have their
-        tokens becomes its Clip. A failed pass fails the clips of its frames (each stream's error)."""
+        """The arrived frames of closed clips through the CLIP tower now, as one batch; the other arrived frames
+        when the policy says they are due (oldest first, at most its ``max_frames``), as another batch in the
+        background lane, which this step's clips do not wait for; then each closed window whose frames all have
+        their tokens becomes its Clip. A failed pass fails the clips of its frames (each stream's error)."""
+        self._tower_pass(self._take_arrived(self._frames_of_closed_windows()))
+        if self._frames_due():
+            frames = self._take_arrived(limit=self.arrival_policy.max_frames)
+            # The prefill's graphs share their inputs: its passes stay on one lane.
+            background = self.frame_perception == "arrival"
+            with self.lanes.background([frame.features for frame in frames]) if background else nullcontext():
+                self._tower_pass(frames)
+        self._close_perceived_windows()
+
+    def _frames_of_closed_windows(self) -> set[int]:
+        """The ids of the closed windows' frames still waiting for their pass."""
+        return {id(frame) for _, window, _ in self._closing for frame in window.frames if not frame.features.done()}
+
+    def _take_arrived(self, only: set[int] | None = None, limit: int | None = None) -> list[PerceivedFrame]:
+        """Arrived frames out of the queue, oldest first: those in ``only`` (all of them), or up to ``limit``;
+        frames of streams closed since are dropped on the way."""
+        if only is not None and not only:
+            return []
+        wanted = len(only) if only is not None else limit
         taken: list[PerceivedFrame] = []
-        while self._arrived and len(taken) < self.arrival_policy.max_frames:
-            _, stream, frame = self._arrived.popleft()
-            if self._is_open(stream):
+        kept: deque[tuple[float, StreamState, PerceivedFrame]] = deque()
+        while self._arrived and (wanted is None or len(taken) < wanted):
+            arrival = self._arrived.popleft()
+            _, stream, frame = arrival
+            if not self._is_open(stream):
+                frame.features.cancel()  # its stream was closed: nobody will take it
+            elif only is None or id(frame) in only:
                 taken.append(frame)
             else:
-                frame.features.cancel()  # its stream was closed: nobody will take it
-        if taken:
-            started = time.monotonic()
-            try:
-                tokens = self.encoder.perceive_frames([frame.pixels for frame in taken])
-            except Exception as error:  # noqa: BLE001 - reported by each of these frames' clips
-                log.exception("the CLIP tower's pass over %d arrived frames failed", len(taken))
-                for frame in taken:
-                    frame.features.set_exception(error)
-            else:
-                for frame, frame_tokens in zip(taken, tokens):
-                    frame.features.set_result(frame_tokens)
-            self.frames_perceived_total += len(taken)
-            self.step_stats.step_seconds["perceive_frames"].observe(time.monotonic() - started)
-            self._prefill(taken)
-        self._close_perceived_windows()
+                kept.append(arrival)
+        if kept:  # the frames passed over go back in front, in their order
+            kept.extend(self._arrived)
+            self._arrived = kept
+        return taken
+
+    def _tower_pass(self, frames: list[PerceivedFrame]) -> None:
+        """The frames through the CLIP tower as one batch (and into their prefixes, with prefill); their Futures
+        hold their tokens, or the pass's error."""
+        if not frames:
+            return
+        started = time.monotonic()
+        try:
+            tokens = self.encoder.perceive_frames([frame.pixels for frame in frames])
+        except Exception as error:  # noqa: BLE001 - reported by each of these frames' clips
+            log.exception("the CLIP tower's pass over %d arrived frames failed", len(frames))
+            for frame in frames:
+                frame.features.set_exception(error)
+        else:
+            for frame, frame_tokens in zip(frames, tokens):
+                frame.features.set_result(frame_tokens)
+        self.frames_perceived_total += len(frames)
+        self.step_stats.step_seconds["perceive_frames"].observe(time.monotonic() - started)
+        self._prefill(frames)
 
     def _prefill(self, frames: list[PerceivedFrame]) -> None:
         """The frames' tokens into their clips' cached prefixes, each prefix's frames in the order they came. A
@@ -535,6 +583,7 @@ class SidecarEngine:
                 self._release_window_prefix(window)
             elif all(frame.features.done() for frame in window.frames):
                 try:
+                    self.lanes.take(frame.features for frame in window.frames)
                     clip.set_result(self._with_prefix(make_perceived_clip(window), window))
                 except Exception as error:  # noqa: BLE001 - the stream's error when the clip's turn comes
                     self._release_window_prefix(window)

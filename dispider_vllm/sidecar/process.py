@@ -97,6 +97,7 @@ def _build_engine(config: SidecarConfig):
         # On the host, frames are preprocessed on threads as they arrive (~1 ms of CPU each at 320x240).
         preprocess_workers=config.preprocess_workers,
         fp8=config.quantization == "fp8",
+        lanes=config.lanes,
     )
 
 
