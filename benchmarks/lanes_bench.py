@@ -11,8 +11,8 @@ steps while it has work. A trigger every ``--respond-every`` clips per stream (s
 Each setting runs on the same engine's models, one after the other:
 
 - ``lanes``: the frames' passes no closing clip waits for on a low-priority CUDA stream, a closing clip's work on a
-  high-priority one (dispider_vllm/sidecar/lanes.py; the server's default on a GPU);
-- ``one_stream``: everything on one stream (``DISPIDER_SIDECAR_LANES=0``, ``dispider-serve --no-sidecar-lanes``).
+  high-priority one (dispider_vllm/sidecar/lanes.py; ``dispider-serve --sidecar-lanes``);
+- ``one_stream``: everything on one stream (the server's default).
 
 Measured per setting, over the clips that close after the first ``--warmup`` seconds: decision latency (a clip's
 last frame pushed -> its decision; p50/p90/p99), the steps (count, clips a step, host seconds in them), frames

@@ -132,11 +132,11 @@ def build_parser() -> argparse.ArgumentParser:
     sidecar.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
                          help="run the sidecar's small steps eagerly instead of replaying CUDA graphs (GPU only; "
                               "DISPIDER_CUDA_GRAPHS=0 does the same)")
-    sidecar.add_argument("--no-sidecar-lanes", dest="sidecar_lanes", action="store_false",
-                         help="run all of the sidecar's GPU work on one CUDA stream; by default the CLIP tower's "
-                              "passes over arrived frames that no closed clip waits for go on a low-priority stream "
-                              "and a closing clip's work on a high-priority one, so its decision does not queue "
-                              "behind them (GPU only; DISPIDER_SIDECAR_LANES=0 does the same)")
+    sidecar.add_argument("--sidecar-lanes", action="store_true",
+                         help="experimental: the CLIP tower's passes over arrived frames that no closed clip waits "
+                              "for on a low-priority CUDA stream, a closing clip's work on a high-priority one (GPU "
+                              "only; DISPIDER_SIDECAR_LANES=0 keeps one stream). Off by default: on an H200 it was "
+                              "no faster and its tail was longer (docs/benchmarks.md)")
     sidecar.add_argument("--sidecar-turn-log", metavar="PATH",
                          help="write a JSON line for every turn of the sidecar's loop (commands taken in, step time, "
                               "clips) to PATH, to lay slow decisions against (benchmarks/turn_timeline.py); off by "

@@ -56,8 +56,8 @@ AttendFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tenso
 
 
 SCRATCH_SLOT = 0  # see KVPool.scratch_slot
-# A slot is read as one page: FlashAttention's paged K/V wants pages of a multiple of 256 positions (FA2). The
-# decision pool grows in such steps; the prefix pool of --frame-perception prefill does not, and keeps the mask.
+# A slot is read as one page: FlashAttention's paged K/V wants pages of a multiple of 256 positions (FA2). Both
+# pools (the decision's, and the prefix pool of --frame-perception prefill) are sized in such steps.
 PAGE_MULTIPLE = 256
 
 

@@ -42,7 +42,7 @@ from torch.profiler import record_function
 
 from .. import kernels
 from ..cuda_graphs import GraphCache, StaticShapes, copy_from_host, cuda_graphs_enabled
-from ..decision.compact_lm import CompactLM, KVPool
+from ..decision.compact_lm import PAGE_MULTIPLE, CompactLM, KVPool
 from ..fp8 import fp8_linear, fp8_sequential
 from ..types import FRAMES_PER_CLIP, Clip, ClipFeatures, ClipPrefix
 from .clips import DEVICE_PREPROCESS_MAX_PIXELS
@@ -290,7 +290,9 @@ class PerceptionEncoder:
         longest_prompt = len(self._prompt_before(ClipPrefix(0, 999_984.0, 1_000_000.0, None)))
         last = -(-(self._image_tokens(frames) - frames * self.modules.resolution) // multiple) * multiple
         capacity = -(-(longest_prompt + frames * self.modules.resolution + last + multiple) // multiple) * multiple
-        return self.lm.new_pool(slots=slots, capacity=capacity, growth_multiple=multiple)
+        # Whole pages: on a GPU with vLLM's FlashAttention the prefill then reads each slot in place, as the
+        # decision does (compact_lm's paged path), instead of gathering K/V under a mask.
+        return self.lm.new_pool(slots=slots, capacity=capacity, growth_multiple=PAGE_MULTIPLE)
 
     def capture_prefill_graphs(self) -> int:
         """Capture the prefix pool's graphs (rows x row length) now (CompactLM.capture_cached_graphs); returns the

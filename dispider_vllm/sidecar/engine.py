@@ -203,7 +203,7 @@ class SidecarEngine:
         fp8: bool = False,
         frame_perception: str = "clip",
         arrival_policy: ArrivalPolicy | None = None,
-        lanes: bool = True,
+        lanes: bool = False,
     ) -> None:
         """``preprocess_on``: "host" (the CPU resizes and normalises each frame) or "device" (the encoder does,
         on the model's device; the host only stacks a clip's uint8 frames, inline, and no pool runs).
@@ -218,7 +218,7 @@ class SidecarEngine:
         ``cuda_graphs``: perception of a few clips from CUDA graphs on a GPU (the decision's: ``decision_config``).
         ``fp8``: both models' matmuls with FP8 weights and activations (dispider_vllm/fp8.py).
         ``lanes``: on a GPU, the frames' CLIP passes no closing clip waits on go on a low-priority CUDA stream, the
-        rest of the work on a high-priority one (dispider_vllm/sidecar/lanes.py)."""
+        rest of the work on a high-priority one (dispider_vllm/sidecar/lanes.py; off by default: measured no faster)."""
         if fp8:
             check_fp8_supported(modules.device)
         if preprocess_on not in PREPROCESS_PLACES:
