@@ -121,14 +121,14 @@ def build_parser() -> argparse.ArgumentParser:
                               "the decision; needs device preprocessing; holds each clip in progress on the GPU, 8 MB "
                               "at real shapes), prefill (experimental: as arrival, and the compact model's pass over "
                               "the clip's time prompt and each frame's raw tokens as well, into a K/V cache per clip "
-                              "in progress, ~34 MB more per stream at real shapes; a shorter close, but slower overall "
+                              "in progress, ~37 MB more per stream at real shapes; a shorter close, but slower overall "
                               "on an H200: docs/benchmarks.md) or clip (over a clip's 16 frames when it closes). "
                               "Default auto: arrival with device preprocessing, else clip")
     sidecar.add_argument("--sidecar-kv-slots", type=int, default=defaults.sidecar_kv_slots, metavar="N",
                          help="streams whose decision KV caches the sidecar allocates at start (default "
                               f"{defaults.sidecar_kv_slots}; about 29 MB each at real shapes; past them the pool doubles, "
                               "which also recaptures its CUDA graphs: set it to the streams you expect; with "
-                              "--frame-perception prefill the prefix pool has as many slots, ~34 MB each)")
+                              "--frame-perception prefill the prefix pool has as many slots, ~37 MB each)")
     sidecar.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
                          help="run the sidecar's small steps eagerly instead of replaying CUDA graphs (GPU only; "
                               "DISPIDER_CUDA_GRAPHS=0 does the same)")

@@ -277,40 +277,44 @@ def test_arrived_frames_go_to_the_tower_in_batches_or_when_a_clip_closes(modules
         new_engine(modules, part_dir, preprocess_on="device", frame_perception="frame")
 
 
-def test_a_closing_clip_takes_only_its_own_frames_to_the_tower(modules, part_dir, frames):
-    """A step for a closed clip passes that clip's waiting frames, not every stream's: the others wait for their
-    batch (on a GPU, in the background lane: dispider_vllm/sidecar/lanes.py), so a close does not pay for them."""
-    engine = new_engine(modules, part_dir, preprocess_on="device", frame_perception="arrival",
-                        arrival_policy=ArrivalPolicy(batch_frames=64, wait_s=60.0))
-    try:
-        for stream_id in ("a", "b"):
-            engine.handle(OpenStream(stream_id, "What changes?"))
-        engine.handle(PushFrames("b", tuple(frames[:6])))  # 3 sampled frames, no clip closed
-        events = engine.handle(PushFrames("a", tuple(frames[:32])))  # 16 sampled: clip 0 closes
-        assert engine.has_work()
-        events += engine.step()
-        assert [type(e).__name__ for e in events] == ["ClipPerceived", "Decision"]
-        assert engine.frames_perceived_total == 16
-        assert [stream.stream_id for _, stream, _ in engine._arrived] == ["b"] * 3
-        assert not engine.has_work()  # b's frames wait for 64 or a minute
-        assert engine.features()["lanes"] is False  # the CPU: one lane
-    finally:
-        engine.close()
+def test_with_lanes_a_closing_clip_takes_only_its_own_frames_to_the_tower(modules, part_dir, frames):
+    """With lanes, a step for a closed clip passes that clip's waiting frames, not every stream's: the others wait
+    for their batch (on a GPU, in the background lane: dispider_vllm/sidecar/lanes.py). Without, one pass takes
+    every frame that waits. The decision is the same."""
+    logits = {}
+    for lanes in (True, False):
+        engine = new_engine(modules, part_dir, preprocess_on="device", frame_perception="arrival", lanes=lanes,
+                            arrival_policy=ArrivalPolicy(batch_frames=64, wait_s=60.0))
+        try:
+            for stream_id in ("a", "b"):
+                engine.handle(OpenStream(stream_id, "What changes?"))
+            engine.handle(PushFrames("b", tuple(frames[:6])))  # 3 sampled frames, no clip closed
+            events = engine.handle(PushFrames("a", tuple(frames[:32])))  # 16 sampled: clip 0 closes
+            assert engine.has_work()
+            events += engine.step()
+            assert [type(e).__name__ for e in events] == ["ClipPerceived", "Decision"]
+            logits[lanes] = events[-1].event.logit
+            assert engine.frames_perceived_total == (16 if lanes else 19)
+            assert [stream.stream_id for _, stream, _ in engine._arrived] == (["b"] * 3 if lanes else [])
+            assert not engine.has_work()  # b's frames wait for 64 or a minute
+            assert engine.features()["lanes"] is lanes and not engine.lanes.on_gpu  # the CPU: no CUDA streams
+        finally:
+            engine.close()
+    assert logits[True] == pytest.approx(logits[False], abs=1e-5)
 
 
 def test_lanes_are_off_on_a_cpu_and_when_turned_off(monkeypatch):
     from dispider_vllm.sidecar.lanes import GpuLanes, lanes_enabled
 
-    assert not lanes_enabled(torch.device("cpu"))
-    assert lanes_enabled(torch.device("cuda")) and not lanes_enabled(torch.device("cuda"), requested=False)
-    monkeypatch.setenv("DISPIDER_SIDECAR_LANES", "0")
-    assert not lanes_enabled(torch.device("cuda"))
-    lanes = GpuLanes(torch.device("cpu"))
+    assert lanes_enabled(True) and not lanes_enabled(False)
+    lanes = GpuLanes(torch.device("cpu"), enabled=True)
     made: Future = Future()
     with lanes.urgent(), lanes.background([made]):
         made.set_result(torch.zeros(2))
-    lanes.take([made])  # nothing to wait for on one lane
-    assert not lanes.enabled and made.result().tolist() == [0.0, 0.0]
+    lanes.take([made])  # nothing to wait for on one stream
+    assert lanes.enabled and not lanes.on_gpu and made.result().tolist() == [0.0, 0.0]
+    monkeypatch.setenv("DISPIDER_SIDECAR_LANES", "0")
+    assert not lanes_enabled(True) and not GpuLanes(torch.device("cpu"), enabled=True).enabled
 
 
 def test_streams_batched_together_match_each_stream_alone(modules, part_dir, frames):

@@ -496,10 +496,18 @@ class SidecarEngine:
         return events
 
     def _perceive_arrived_frames(self) -> None:
-        """The arrived frames of closed clips through the CLIP tower now, as one batch; the other arrived frames
-        when the policy says they are due (oldest first, at most its ``max_frames``), as another batch in the
-        background lane, which this step's clips do not wait for; then each closed window whose frames all have
-        their tokens becomes its Clip. A failed pass fails the clips of its frames (each stream's error)."""
+        """The frames that arrived since the last pass, every stream's (oldest first, at most the policy's
+        ``max_frames``), through the CLIP tower as one batch; then each closed window whose frames all have their
+        tokens becomes its Clip. A failed pass fails the clips of its frames (each stream's error).
+
+        With lanes, the closed clips' frames go first, as a batch of their own, and the others when the policy
+        says they are due, as another batch in the background lane, which this step's clips do not wait for. On one
+        stream the close would wait behind both passes anyway, and a small pass costs nearly as much as a large one
+        (on an H200: 9.3 ms for 8 frames, 27 ms for 64), so there they go as one."""
+        if not self.lanes.enabled:
+            self._tower_pass(self._take_arrived(limit=self.arrival_policy.max_frames))
+            self._close_perceived_windows()
+            return
         self._tower_pass(self._take_arrived(self._frames_of_closed_windows()))
         if self._frames_due():
             frames = self._take_arrived(limit=self.arrival_policy.max_frames)

@@ -12,8 +12,10 @@ A frame's tokens made in the background are read by the urgent lane only after t
 their pass, and their memory is marked in use by the urgent lane (``record_stream``) so the allocator does not
 hand it back to the background lane before the urgent kernels reading it have run.
 
-On a CPU, or with ``DISPIDER_SIDECAR_LANES=0`` or ``enabled=False``, both lanes are the current stream and every
-method is a no-op.
+Measured on an H200 (docs/benchmarks.md, "Two lanes"), the lanes were no faster at the median and had a longer
+tail than one stream: the close's own pass, not the frames' passes, is most of what a decision waits for. So they
+are off by default (``dispider-serve --sidecar-lanes`` turns them on). ``DISPIDER_SIDECAR_LANES=0`` keeps them off.
+On a CPU an engine asking for lanes splits its passes the same way, and both lanes are the current stream.
 """
 
 from __future__ import annotations
@@ -29,20 +31,24 @@ import torch
 ENV_VAR = "DISPIDER_SIDECAR_LANES"
 
 
-def lanes_enabled(device: torch.device, requested: bool = True) -> bool:
-    """Whether the sidecar's work on ``device`` gets two lanes: on a GPU, unless turned off."""
-    return requested and device.type == "cuda" and os.environ.get(ENV_VAR, "1") != "0"
+def lanes_enabled(requested: bool) -> bool:
+    """Whether the engine splits its work into two lanes: when asked, unless ``DISPIDER_SIDECAR_LANES=0``."""
+    return requested and os.environ.get(ENV_VAR, "1") != "0"
 
 
 class GpuLanes:
-    def __init__(self, device: torch.device, enabled: bool = True) -> None:
-        self.enabled = lanes_enabled(device, enabled)
+    """``enabled``: the engine splits its frames' passes by lane; ``on_gpu``: the lanes are two CUDA streams (else
+    both are the current stream, and the methods below are no-ops)."""
+
+    def __init__(self, device: torch.device, enabled: bool = False) -> None:
+        self.enabled = lanes_enabled(enabled)
+        self.on_gpu = self.enabled and device.type == "cuda"
         self._urgent: torch.cuda.Stream | None = None
         self._background: torch.cuda.Stream | None = None
         # The Future of a frame's tokens -> the event recorded after the background pass that made them; an entry
         # goes when its frame does (a frame of a stream closed before its clip did is never read).
         self._made_by: weakref.WeakKeyDictionary[Future, torch.cuda.Event] = weakref.WeakKeyDictionary()
-        if self.enabled:
+        if self.on_gpu:
             least, greatest = torch.cuda.Stream.priority_range()  # numerically: lower is more urgent
             self._urgent = torch.cuda.Stream(device, priority=greatest)
             self._background = torch.cuda.Stream(device, priority=least)
@@ -50,13 +56,13 @@ class GpuLanes:
 
     def urgent(self):
         """Run the block's device work on the urgent lane (the engine's commands and steps)."""
-        return torch.cuda.stream(self._urgent) if self.enabled else nullcontext()
+        return torch.cuda.stream(self._urgent) if self.on_gpu else nullcontext()
 
     @contextmanager
     def background(self, made: Iterable[Future]) -> Iterator[None]:
         """Run the block's device work on the background lane; ``made``: the Futures of the tokens it makes (set
         inside the block), which the urgent lane reads only once the block's kernels are done (``take``)."""
-        if not self.enabled:
+        if not self.on_gpu:
             yield
             return
         with torch.cuda.stream(self._background):
@@ -69,7 +75,7 @@ class GpuLanes:
     def take(self, futures: Iterable[Future]) -> None:
         """Before the urgent lane reads these frames' tokens (their Futures done): wait for the background passes
         that made them, and keep their memory from reuse until the urgent lane's work queued so far is done."""
-        if not self.enabled:
+        if not self.on_gpu:
             return
         waited: set[int] = set()
         for future in futures:
