@@ -715,3 +715,27 @@ def test_kept_clips_of_all_streams_stay_within_the_budget_and_are_reported(modul
     built = _build_engine(SidecarConfig(part_dir=str(part_dir), max_kept_clips=5, kept_clips_budget_bytes=12345))
     assert (built.decision.config.max_kept_clips, built.decision.config.kept_clips_budget_bytes) == (5, 12345)
     built.close()
+
+
+def test_lanes_bench_tiny_writes_a_well_formed_report(tmp_path):
+    """benchmarks/lanes_bench.py --tiny: two live settings of the same streams, each timed, their decisions alike."""
+    import importlib.util
+    import json
+    import sys
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "lanes_bench.py"
+    spec = importlib.util.spec_from_file_location("lanes_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = bench
+    spec.loader.exec_module(bench)
+    out = tmp_path / "lanes.json"
+    # 2 streams started 8 s apart: the first's clip closes at 15 s, in the measured 2 s
+    assert bench.main(["--tiny", "--streams", "2", "--warmup", "15", "--seconds", "2", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["benchmark"] == "lanes" and report["device"]["name"].startswith("CPU")
+    for name, lanes in (("lanes", True), ("one_stream", False)):
+        setting = report[name]
+        assert setting["lanes"] is lanes and setting["frames_late"] == 0 and setting["clips_decided"] >= 1
+        assert setting["decision_latency_s"]["count"] >= 1 and setting["decision_latency_s"]["p50"] > 0
+        assert setting["frames_pushed"] >= 2 * 9 and setting["steps"] >= 1
+    assert report["agreement"]["ok"] and report["agreement"]["clips"] >= 1
