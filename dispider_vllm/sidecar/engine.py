@@ -436,7 +436,7 @@ class SidecarEngine:
         return self._ready_clips > 0 or self._frames_due()
 
     def _frames_due(self) -> bool:
-        """Whether the arrived frames no closed clip waits for are due for their pass (``ArrivalPolicy``)."""
+        """Whether the arrived frames are due for a pass by the ``ArrivalPolicy`` (a closed clip's go at once)."""
         if not self._arrived:
             return False
         policy = self.arrival_policy
