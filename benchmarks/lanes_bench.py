@@ -173,6 +173,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.streams < 1 or args.seconds <= 0 or args.warmup < 0:
         parser.error("--streams must be at least 1, --seconds above 0 and --warmup at least 0")
+    try:  # before minutes of runs, not after them
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.touch()
+    except OSError as error:
+        parser.error(f"--out {args.out} cannot be written: {error.strerror or error}")
 
     device = torch.device("cpu" if args.tiny else args.device)
     if device.type == "cuda" and not torch.cuda.is_available():

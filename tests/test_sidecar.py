@@ -303,7 +303,7 @@ def test_with_lanes_a_closing_clip_takes_only_its_own_frames_to_the_tower(module
     assert logits[True] == pytest.approx(logits[False], abs=1e-5)
 
 
-def test_lanes_are_off_on_a_cpu_and_when_turned_off(monkeypatch):
+def test_lanes_on_a_cpu_have_no_cuda_streams_and_the_env_turns_them_off(monkeypatch):
     from dispider_vllm.sidecar.lanes import GpuLanes, lanes_enabled
 
     assert lanes_enabled(True) and not lanes_enabled(False)
@@ -728,6 +728,10 @@ def test_lanes_bench_tiny_writes_a_well_formed_report(tmp_path):
     bench = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = bench
     spec.loader.exec_module(bench)
+    (tmp_path / "file").touch()
+    with pytest.raises(SystemExit) as refused:  # an --out it cannot write (under a file): refused before any run
+        bench.main(["--tiny", "--out", str(tmp_path / "file" / "x.json")])
+    assert refused.value.code == 2
     out = tmp_path / "lanes.json"
     # 2 streams started 8 s apart: the first's clip closes at 15 s, in the measured 2 s
     assert bench.main(["--tiny", "--streams", "2", "--warmup", "15", "--seconds", "2", "--out", str(out)]) == 0
