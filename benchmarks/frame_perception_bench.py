@@ -18,7 +18,9 @@ as the GPU sidecar takes them, in one run:
    ``--reps`` after ``--warmup`` (graphs are captured in the warm-up), ``torch.cuda.synchronize`` around each;
 3. the frames' own pass (``--frame-batches``): ``perceive_frames`` of F frames, per pass and per frame, alone and
    followed by ``prefill_frames`` (each frame the next of its own clip, the clips at every length): the work
-   "arrival" and "prefill" do before the close instead of in it (the GPU does it either way).
+   "arrival" and "prefill" do before the close instead of in it (the GPU does it either way). A pass of at most
+   32 frames replays a CUDA graph (``graphed``); the same pass run eagerly (``pass_eager_ms``, timed in turns
+   with the graphed one) is its baseline.
 
 ``--tiny`` runs tiny shapes on the CPU (a smoke test of this script, not a figure).
 """
@@ -157,8 +159,11 @@ def time_close(encoder: PerceptionEncoder, count: int, args: argparse.Namespace)
 def time_frames(encoder: PerceptionEncoder, frames: int, args: argparse.Namespace) -> dict:
     device = encoder.modules.device
     pixels = [f.pixels for f in make_test_frames(seconds=frames, fps=1, size=FRAME_SIZE, seed=7)]
-    values = [timed_ms(device, lambda: encoder.perceive_frames(pixels)) for _ in range(args.warmup + args.reps)]
-    median = statistics.median(values[args.warmup :])
+    graphed, eager = [], []
+    for _ in range(args.warmup + args.reps):  # in turns, so that a drift of the GPU's clocks falls on both
+        graphed.append(timed_ms(device, lambda: encoder.perceive_frames(pixels)))
+        eager.append(timed_ms(device, lambda: encoder.perceive_frames(pixels, graphed=False)))
+    median, eager_median = statistics.median(graphed[args.warmup :]), statistics.median(eager[args.warmup :])
     # Each frame the next of its own clip, the clips holding 0..15 frames already (as live streams' clips do).
     cut = windows(1, seed=8) * frames
     tokens = encoder.perceive_frames(pixels)
@@ -178,6 +183,8 @@ def time_frames(encoder: PerceptionEncoder, frames: int, args: argparse.Namespac
         encoder.release_prefix(prefix)
     with_median = statistics.median(with_values[args.warmup :])
     return {"frames": frames, "pass_ms": median, "ms_per_frame": median / frames,
+            "graphed": encoder.frame_shapes.batch(frames) is not None and encoder.frame_graphs.graphed,
+            "pass_eager_ms": eager_median, "ratio_eager_over_pass": eager_median / median,
             "pass_with_prefill_ms": with_median, "ms_per_frame_with_prefill": with_median / frames}
 
 

@@ -1,6 +1,7 @@
-"""The sidecar's decision latency under frame load, with its two GPU lanes and on one stream, in one run.
+"""The sidecar's decision latency under live frame load, in a few engine settings, in one run.
 
     python benchmarks/lanes_bench.py --streams 832 --out benchmarks/results/lanes_h200.json        # GPU, real shapes
+    python benchmarks/lanes_bench.py --streams 352 --settings one_stream,eager_frames --out /tmp/f.json
     python benchmarks/lanes_bench.py --tiny --streams 4 --warmup 16 --seconds 8 --out /tmp/l.json  # CPU smoke run
 
 ``SidecarEngine`` (the code the server's sidecar runs: uint8 frames preprocessed on the device, each frame through
@@ -8,17 +9,20 @@ the CLIP tower as it arrives) fed the way the sidecar's loop feeds it, without v
 process pipe: ``--streams`` streams each push a 320x240 frame every second of wall time, their starts spread over
 the first 16 s so their clips' closes spread too; each turn the loop hands the engine the pushes that are due and
 steps while it has work. A trigger every ``--respond-every`` clips per stream (staggered), as in the live runs.
-Each setting runs on the same engine's models, one after the other:
+Each of ``--settings`` runs on the same engine's models, one after the other:
 
 - ``lanes``: the frames' passes no closing clip waits for on a low-priority CUDA stream, a closing clip's work on a
   high-priority one (dispider_vllm/sidecar/lanes.py; ``dispider-serve --sidecar-lanes``);
-- ``one_stream``: everything on one stream (the server's default).
+- ``one_stream``: everything on one stream (the server's default);
+- ``eager_frames``: as ``one_stream``, with every pass of arrived frames through the CLIP tower run eagerly (the
+  server before small passes replayed a CUDA graph).
 
 Measured per setting, over the clips that close after the first ``--warmup`` seconds: decision latency (a clip's
 last frame pushed -> its decision; p50/p90/p99), the steps (count, clips a step, host seconds in them), frames
 pushed late (the loop behind its schedule by more than a second) and each setting's decisions. The logits of the
-clips both settings decided are compared (other batch compositions round bf16 differently; a race between the
-lanes would not stay within ``--tolerance`` of the logits' spread).
+clips both the first setting and each other one decided are compared (other batch compositions round bf16
+differently; a race between lanes would not stay within ``--tolerance`` of the logits' spread); the exit status is
+1 when one does not.
 """
 
 from __future__ import annotations
@@ -45,6 +49,11 @@ from dispider_vllm.sidecar.protocol import Decision, OpenStream, PushFrames, Str
 from dispider_vllm.types import FRAMES_PER_CLIP, Frame  # noqa: E402
 
 CLIP_SECONDS = 16.0
+SETTINGS = {  # name -> SidecarEngine options
+    "lanes": {"lanes": True},
+    "one_stream": {"lanes": False},
+    "eager_frames": {"lanes": False, "max_graph_frames": 0},
+}
 FRAME_POOL = 64  # distinct frames, shared by the streams at different phases
 LATE_S = 1.0
 
@@ -73,14 +82,14 @@ def percentiles(values: list[float]) -> dict:
             "mean": statistics.fmean(ordered)}
 
 
-def run_setting(modules, pool: list[np.ndarray], args, *, lanes: bool) -> dict:
+def run_setting(modules, pool: list[np.ndarray], args, *, name: str) -> dict:
     """One live run of ``args.streams`` streams for ``args.warmup + args.seconds`` seconds of wall time."""
     engine = SidecarEngine(
-        modules, preprocess_on="device", frame_perception="arrival", max_batch_clips=args.batch, lanes=lanes,
+        modules, preprocess_on="device", frame_perception="arrival", max_batch_clips=args.batch,
         decision_config=DecisionConfig(max_kept_clips=16, initial_kv_slots=args.streams),
-        respond_policy=staggered_policy(args.respond_every),
+        respond_policy=staggered_policy(args.respond_every), **SETTINGS[name],
     )
-    log(f"{'lanes' if lanes else 'one stream'}: capturing graphs; lanes on: {engine.lanes.enabled}")
+    log(f"{name}: capturing graphs; lanes on: {engine.lanes.enabled}")
     engine.capture_graphs()
     ids = [f"s{i}" for i in range(args.streams)]
     for stream_id in ids:
@@ -133,6 +142,8 @@ def run_setting(modules, pool: list[np.ndarray], args, *, lanes: bool) -> dict:
     elapsed = time.time() - start
     return {
         "lanes": engine.lanes.enabled,
+        "max_graph_frames": engine.encoder.frame_shapes.max_batch,
+        "graphs_captured": engine.graphs_captured,
         "decision_latency_s": percentiles(latencies),
         "clips_decided": len(logits),
         "frames_pushed": sum(pushed),
@@ -168,11 +179,17 @@ def main(argv: list[str] | None = None) -> int:
                              "(default 32)")
     parser.add_argument("--batch", type=int, default=32, help="clips per step at most (default 32, the server's)")
     parser.add_argument("--respond-every", type=int, default=8, help="a trigger every N clips per stream (default 8)")
+    parser.add_argument("--settings", default="lanes,one_stream",
+                        help=f"settings to run, in order, comma-separated, of {', '.join(SETTINGS)} (default "
+                             "lanes,one_stream); each after the first is compared with the first")
     parser.add_argument("--tolerance", type=float, default=0.05,
                         help="largest logit difference between the settings, in logit spreads (default 0.05)")
     args = parser.parse_args(argv)
     if args.streams < 1 or args.seconds <= 0 or args.warmup < 0:
         parser.error("--streams must be at least 1, --seconds above 0 and --warmup at least 0")
+    names = args.settings.split(",")
+    if len(names) < 2 or len(set(names)) != len(names) or not set(names) <= set(SETTINGS):
+        parser.error(f"--settings takes two or more distinct names of {', '.join(SETTINGS)}, not {args.settings!r}")
     try:  # before minutes of runs, not after them
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.touch()
@@ -189,26 +206,30 @@ def main(argv: list[str] | None = None) -> int:
     report = {"benchmark": "lanes", "device": device_info(device),
               "shapes": "tiny" if args.tiny else "CLIP ViT-L/14-224 + Qwen2-1.5B (random weights, bf16)",
               "command": "python benchmarks/lanes_bench.py " + " ".join(sys.argv[1:] if argv is None else argv),
-              "streams": args.streams, "seconds": args.seconds, "warmup": args.warmup,
+              "settings": names, "streams": args.streams, "seconds": args.seconds, "warmup": args.warmup,
               "frames_per_clip": FRAMES_PER_CLIP, "respond_every": args.respond_every}
     settings = {}
-    for name, lanes in (("lanes", True), ("one_stream", False)):
+    for name in names:
         log(f"{name}: {args.streams} streams, {args.warmup:.0f} + {args.seconds:.0f} s")
-        settings[name] = run_setting(modules, pool, args, lanes=lanes)
+        settings[name] = run_setting(modules, pool, args, name=name)
         latency = settings[name]["decision_latency_s"]
         log(f"{name}: decision p50 {latency.get('p50', float('nan')):.3f} s, p99 {latency.get('p99', float('nan')):.3f}"
             f" s over {latency['count']} clips; {settings[name]['step_clips_mean']:.1f} clips a step")
-    agreement = compare(settings["lanes"].pop("logits"), settings["one_stream"].pop("logits"), args.tolerance)
+    first = names[0]
+    logits = {name: settings[name].pop("logits") for name in names}
     report.update(settings)
-    report["agreement"] = agreement
-    first, second = settings["lanes"]["decision_latency_s"], settings["one_stream"]["decision_latency_s"]
-    if first.get("count") and second.get("count"):
-        report["p50_ratio_one_stream_to_lanes"] = second["p50"] / first["p50"]
-        report["p99_ratio_one_stream_to_lanes"] = second["p99"] / first["p99"]
+    report["agreement"] = {name: compare(logits[first], logits[name], args.tolerance) for name in names[1:]}
+    report["ratios"] = {}
+    for name in names[1:]:
+        base, other = settings[first]["decision_latency_s"], settings[name]["decision_latency_s"]
+        if base.get("count") and other.get("count"):
+            report["ratios"][f"{name}_over_{first}"] = {"p50": other["p50"] / base["p50"],
+                                                        "p99": other["p99"] / base["p99"]}
+    report["ok"] = all(agreement["ok"] for agreement in report["agreement"].values())
     write(report, args.out)
-    log(f"agreement: {agreement}")
+    log(f"agreement with {first}: {report['agreement']}; latency ratios: {report['ratios']}")
     log(f"written to {args.out}")
-    return 0 if agreement["ok"] else 1
+    return 0 if report["ok"] else 1
 
 
 if __name__ == "__main__":

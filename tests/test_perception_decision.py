@@ -201,6 +201,28 @@ def test_frames_perceived_as_they_arrive_give_the_clips_features(modules, max_gr
     assert (want[1].memory - want[0].memory).abs().max() > 0.3 * want[0].memory.abs().max()
 
 
+def test_small_frame_passes_go_padded_to_a_bucket_and_give_the_eager_passes_tokens(modules):
+    """perceive_frames of at most max_graph_frames frames runs padded to a bucket (1, 2, 4, ...: on a GPU replayed
+    from a graph, here the same padded code eagerly): each frame's tokens are the unpadded pass's, whatever an
+    earlier pass left in the bucket's spare rows, in the frames' order, each owning its storage; more frames, or
+    graphed=False, go unpadded."""
+    frames = [frame.pixels for frame in make_test_frames(seconds=7, fps=1, size=(320, 240), seed=5)]
+    padded = PerceptionEncoder(modules, max_graph_frames=4)
+    unpadded = PerceptionEncoder(modules, max_graph_frames=0)
+    want = unpadded.perceive_frames(frames)
+    assert unpadded.frame_graphs.stats.eager_runs == 0
+    # 4 frames fill bucket 4; then 3 (reversed) leave a row of the pass before; 1 goes in bucket 1; 7 past the buckets
+    for chosen in ([0, 1, 2, 3], [6, 5, 4], [3], list(range(7))):
+        got = padded.perceive_frames([frames[i] for i in chosen])
+        assert len({t.untyped_storage().data_ptr() for t in got}) == len(chosen)
+        for tokens, index in zip(got, chosen):
+            torch.testing.assert_close(tokens, want[index], atol=ATOL, rtol=0)
+    assert padded.frame_graphs.stats.eager_runs == 3
+    padded.perceive_frames(frames[:2], graphed=False)
+    assert padded.frame_graphs.stats.eager_runs == 3
+    assert (want[1] - want[0]).abs().max() > 0.3 * want[0].abs().max()  # the frames differ
+
+
 @pytest.mark.parametrize("max_graph_clips", [8, 0], ids=["static-path", "eager-path"])
 def test_a_prefix_cached_frame_by_frame_gives_the_clips_features(modules, max_graph_clips):
     """prefill_frames: the time prompt and each frame's raw tokens through the compact model as the frames come

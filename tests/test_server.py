@@ -152,7 +152,8 @@ def test_models_health_and_openapi(client, http, dispider_server):
                                       "decode_frames_in": "sidecar", "switch_interval_ms": 2.0}
     assert health == {"status": "ok", "sidecar": True, "engine": True}
     # What the sidecar runs with: on the CPU nothing is captured as a CUDA graph.
-    assert features["device"] == "cpu" and features["cuda_graphs"] == {"perception": False, "decision": False}
+    graphs = {"perception": False, "frames": False, "decision": False}
+    assert features["device"] == "cpu" and features["cuda_graphs"] == graphs
     assert features["preprocess_workers"] == 4 and features["kv_slots"] == 16 and features["mps_daemon"] is False
     # Frames preprocessed on the host (the CPU's default), so the CLIP tower sees them at each clip's close.
     assert (features["preprocess_on"], features["frame_perception"]) == ("host", "clip")

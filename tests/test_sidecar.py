@@ -718,7 +718,8 @@ def test_kept_clips_of_all_streams_stay_within_the_budget_and_are_reported(modul
 
 
 def test_lanes_bench_tiny_writes_a_well_formed_report(tmp_path):
-    """benchmarks/lanes_bench.py --tiny: two live settings of the same streams, each timed, their decisions alike."""
+    """benchmarks/lanes_bench.py --tiny: three live settings of the same streams, each timed, their decisions alike;
+    settings it does not know, or fewer than two, refused before any run."""
     import importlib.util
     import json
     import sys
@@ -729,17 +730,24 @@ def test_lanes_bench_tiny_writes_a_well_formed_report(tmp_path):
     sys.modules[spec.name] = bench
     spec.loader.exec_module(bench)
     (tmp_path / "file").touch()
-    with pytest.raises(SystemExit) as refused:  # an --out it cannot write (under a file): refused before any run
-        bench.main(["--tiny", "--out", str(tmp_path / "file" / "x.json")])
-    assert refused.value.code == 2
+    for refused_args in (["--out", str(tmp_path / "file" / "x.json")],  # under a file: it cannot be written
+                         ["--settings", "lanes"], ["--settings", "lanes,lanes"], ["--settings", "lanes,fast"]):
+        with pytest.raises(SystemExit) as refused:
+            bench.main(["--tiny", *refused_args])
+        assert refused.value.code == 2
     out = tmp_path / "lanes.json"
     # 2 streams started 8 s apart: the first's clip closes at 15 s, in the measured 2 s
-    assert bench.main(["--tiny", "--streams", "2", "--warmup", "15", "--seconds", "2", "--out", str(out)]) == 0
+    assert bench.main(["--tiny", "--streams", "2", "--warmup", "15", "--seconds", "2", "--out", str(out),
+                       "--settings", "lanes,one_stream,eager_frames"]) == 0
     report = json.loads(out.read_text())
     assert report["benchmark"] == "lanes" and report["device"]["name"].startswith("CPU")
-    for name, lanes in (("lanes", True), ("one_stream", False)):
+    assert report["settings"] == ["lanes", "one_stream", "eager_frames"] and report["ok"]
+    for name, lanes, graph_frames in (("lanes", True, 32), ("one_stream", False, 32), ("eager_frames", False, 0)):
         setting = report[name]
-        assert setting["lanes"] is lanes and setting["frames_late"] == 0 and setting["clips_decided"] >= 1
+        assert setting["lanes"] is lanes and setting["max_graph_frames"] == graph_frames
+        assert setting["frames_late"] == 0 and setting["clips_decided"] >= 1
         assert setting["decision_latency_s"]["count"] >= 1 and setting["decision_latency_s"]["p50"] > 0
         assert setting["frames_pushed"] >= 2 * 9 and setting["steps"] >= 1
-    assert report["agreement"]["ok"] and report["agreement"]["clips"] >= 1
+    for name in ("one_stream", "eager_frames"):
+        assert report["agreement"][name]["ok"] and report["agreement"][name]["clips"] >= 1
+        assert report["ratios"][f"{name}_over_lanes"]["p50"] > 0

@@ -204,6 +204,7 @@ class SidecarEngine:
         frame_perception: str = "clip",
         arrival_policy: ArrivalPolicy | None = None,
         lanes: bool = False,
+        max_graph_frames: int = 32,
     ) -> None:
         """``preprocess_on``: "host" (the CPU resizes and normalises each frame) or "device" (the encoder does,
         on the model's device; the host only stacks a clip's uint8 frames, inline, and no pool runs).
@@ -218,7 +219,8 @@ class SidecarEngine:
         ``cuda_graphs``: perception of a few clips from CUDA graphs on a GPU (the decision's: ``decision_config``).
         ``fp8``: both models' matmuls with FP8 weights and activations (dispider_vllm/fp8.py).
         ``lanes``: on a GPU, the frames' CLIP passes no closing clip waits on go on a low-priority CUDA stream, the
-        rest of the work on a high-priority one (dispider_vllm/sidecar/lanes.py; off by default: measured no faster)."""
+        rest of the work on a high-priority one (dispider_vllm/sidecar/lanes.py; off by default: measured no faster).
+        ``max_graph_frames``: passes of arrived frames up to this many replay a CUDA graph (0: all eager)."""
         if fp8:
             check_fp8_supported(modules.device)
         if preprocess_on not in PREPROCESS_PLACES:
@@ -239,7 +241,7 @@ class SidecarEngine:
         decision_config = replace(decision_config or DecisionConfig(), fp8=fp8)
         prefix_slots = decision_config.initial_kv_slots if frame_perception == "prefill" else 0
         self.encoder = PerceptionEncoder(modules, cuda_graphs=cuda_graphs, fp8=fp8, preprocessor=self.preprocessor,
-                                         prefix_slots=prefix_slots)
+                                         prefix_slots=prefix_slots, max_graph_frames=max_graph_frames)
         self.decision = DecisionEngine(modules, decision_config, force_respond=respond_policy)
         self.lanes = GpuLanes(modules.device, enabled=lanes)
         self.max_batch_clips = max_batch_clips
@@ -269,6 +271,8 @@ class SidecarEngine:
             captured = {"perception": self.encoder.capture_graphs(clip_shape,
                                                                   perceived=self.frame_perception != "clip"),
                         "decision": self.decision.capture_graphs()}
+            if self.frame_perception != "clip":
+                captured["frames"] = self.encoder.capture_frame_graphs()
             if self.frame_perception == "prefill":
                 captured["prefill"] = self.encoder.capture_prefill_graphs()
         self.graphs_captured = {**captured, "seconds": round(time.monotonic() - started, 2)}
@@ -277,7 +281,8 @@ class SidecarEngine:
     def features(self) -> dict:
         """What this engine runs with (``/health``'s ``sidecar_features``)."""
         return {"device": str(self.modules.device), "fused_ops": self.decision.lm.fused,
-                "cuda_graphs": {"perception": self.encoder.graphs.graphed, "decision": self.decision.lm.graphs.graphed},
+                "cuda_graphs": {"perception": self.encoder.graphs.graphed, "frames": self.encoder.frame_graphs.graphed,
+                                "decision": self.decision.lm.graphs.graphed},
                 "max_batch_clips": self.max_batch_clips, "preprocess_on": self.preprocess_on,
                 "frame_perception": self.frame_perception, "lanes": self.lanes.enabled,
                 "preprocess_workers": self.preprocess_workers,
@@ -514,7 +519,7 @@ class SidecarEngine:
             # The prefill's graphs share their inputs: its passes stay on one lane.
             background = self.frame_perception == "arrival"
             with self.lanes.background([frame.features for frame in frames]) if background else nullcontext():
-                self._tower_pass(frames)
+                self._tower_pass(frames, graphed=not background)  # the graphs' buffers are the urgent lane's
         self._close_perceived_windows()
 
     def _frames_of_closed_windows(self) -> set[int]:
@@ -543,14 +548,14 @@ class SidecarEngine:
             self._arrived = kept
         return taken
 
-    def _tower_pass(self, frames: list[PerceivedFrame]) -> None:
+    def _tower_pass(self, frames: list[PerceivedFrame], *, graphed: bool = True) -> None:
         """The frames through the CLIP tower as one batch (and into their prefixes, with prefill); their Futures
-        hold their tokens, or the pass's error."""
+        hold their tokens, or the pass's error. ``graphed``: a small pass may replay the encoder's frame graphs."""
         if not frames:
             return
         started = time.monotonic()
         try:
-            tokens = self.encoder.perceive_frames([frame.pixels for frame in frames])
+            tokens = self.encoder.perceive_frames([frame.pixels for frame in frames], graphed=graphed)
         except Exception as error:  # noqa: BLE001 - reported by each of these frames' clips
             log.exception("the CLIP tower's pass over %d arrived frames failed", len(frames))
             for frame in frames:
