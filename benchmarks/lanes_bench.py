@@ -21,8 +21,9 @@ Measured per setting, over the clips that close after the first ``--warmup`` sec
 last frame pushed -> its decision; p50/p90/p99), the steps (count, clips a step, host seconds in them), frames
 pushed late (the loop behind its schedule by more than a second) and each setting's decisions. The logits of the
 clips both the first setting and each other one decided are compared (other batch compositions round bf16
-differently; a race between lanes would not stay within ``--tolerance`` of the logits' spread); the exit status is
-1 when one does not.
+differently, and a clip's decision carries its stream's earlier clips: two race-free settings differed by up to
+0.23 logit spreads on an H200, so ``--tolerance``, 0.5 spreads by default, catches gross errors such as tokens
+read before they were written, not bf16 noise); the exit status is 1 when one is over it.
 """
 
 from __future__ import annotations
@@ -182,8 +183,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--settings", default="lanes,one_stream",
                         help=f"settings to run, in order, comma-separated, of {', '.join(SETTINGS)} (default "
                              "lanes,one_stream); each after the first is compared with the first")
-    parser.add_argument("--tolerance", type=float, default=0.05,
-                        help="largest logit difference between the settings, in logit spreads (default 0.05)")
+    # Two settings on one CUDA stream, where no race can be (one_stream and eager_frames), differed by up to 0.23
+    # spreads on an H200 at 832 streams: bf16 rounding in other batch shapes, carried on by each stream's context.
+    parser.add_argument("--tolerance", type=float, default=0.5,
+                        help="largest logit difference between the settings, in logit spreads (default 0.5: bf16 "
+                             "batch shapes alone moved logits by up to 0.23 spreads)")
     args = parser.parse_args(argv)
     if args.streams < 1 or args.seconds <= 0 or args.warmup < 0:
         parser.error("--streams must be at least 1, --seconds above 0 and --warmup at least 0")
