@@ -2,6 +2,7 @@
 
     python benchmarks/lanes_bench.py --streams 832 --out benchmarks/results/lanes_h200.json        # GPU, real shapes
     python benchmarks/lanes_bench.py --streams 352 --settings one_stream,eager_frames --out /tmp/f.json
+    python benchmarks/lanes_bench.py --streams 832 --settings one_stream,closes_first,short_passes --out /tmp/s.json
     python benchmarks/lanes_bench.py --tiny --streams 4 --warmup 16 --seconds 8 --out /tmp/l.json  # CPU smoke run
 
 ``SidecarEngine`` (the code the server's sidecar runs: uint8 frames preprocessed on the device, each frame through
@@ -11,9 +12,13 @@ the first 16 s so their clips' closes spread too; each turn the loop hands the e
 steps while it has work. A trigger every ``--respond-every`` clips per stream (staggered), as in the live runs.
 Each of ``--settings`` runs on the same engine's models, one after the other:
 
-- ``lanes``: the frames' passes no closing clip waits for on a low-priority CUDA stream, a closing clip's work on a
-  high-priority one (dispider_vllm/sidecar/lanes.py; ``dispider-serve --sidecar-lanes``);
-- ``one_stream``: everything on one stream (the server's default);
+- ``closes_first``: the server's default (``--sidecar-schedule closes-first``): a step for closed clips passes only
+  their own waiting frames, the other frames go in passes of at most 32 when no closed clip waits;
+- ``short_passes``: as ``closes_first``, the other frames in passes of at most 16;
+- ``one_stream``: the schedule before it (``--sidecar-schedule together``): each step passes every waiting frame,
+  up to 512, then decides the closed clips; everything on one CUDA stream;
+- ``lanes``: as ``one_stream``, the frames' passes no closing clip waits for on a low-priority CUDA stream, a closing
+  clip's work on a high-priority one (dispider_vllm/sidecar/lanes.py; ``dispider-serve --sidecar-lanes``);
 - ``eager_frames``: as ``one_stream``, with every pass of arrived frames through the CLIP tower run eagerly (the
   server before small passes replayed a CUDA graph).
 
@@ -34,6 +39,7 @@ import statistics
 import sys
 import time
 import zlib
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -45,15 +51,18 @@ from graph_bench import device_info, write  # noqa: E402
 
 from dispider_vllm.decision.engine import DecisionConfig  # noqa: E402
 from dispider_vllm.perception.modules import PerceptionDecisionModules  # noqa: E402
-from dispider_vllm.sidecar.engine import SidecarEngine  # noqa: E402
+from dispider_vllm.sidecar.engine import ArrivalPolicy, SidecarEngine  # noqa: E402
 from dispider_vllm.sidecar.protocol import Decision, OpenStream, PushFrames, StreamError, Triggered  # noqa: E402
 from dispider_vllm.types import FRAMES_PER_CLIP, Frame  # noqa: E402
 
 CLIP_SECONDS = 16.0
-SETTINGS = {  # name -> SidecarEngine options
-    "lanes": {"lanes": True},
-    "one_stream": {"lanes": False},
-    "eager_frames": {"lanes": False, "max_graph_frames": 0},
+TOGETHER = ArrivalPolicy.named("together")
+SETTINGS = {  # name -> SidecarEngine options (the earlier sessions' three kept as they ran then)
+    "closes_first": {"lanes": False, "arrival_policy": ArrivalPolicy.named("closes-first")},
+    "short_passes": {"lanes": False, "arrival_policy": ArrivalPolicy(batch_frames=16, max_frames=16)},
+    "one_stream": {"lanes": False, "arrival_policy": TOGETHER},
+    "lanes": {"lanes": True, "arrival_policy": TOGETHER},
+    "eager_frames": {"lanes": False, "max_graph_frames": 0, "arrival_policy": TOGETHER},
 }
 FRAME_POOL = 64  # distinct frames, shared by the streams at different phases
 LATE_S = 1.0
@@ -143,6 +152,7 @@ def run_setting(modules, pool: list[np.ndarray], args, *, name: str) -> dict:
     elapsed = time.time() - start
     return {
         "lanes": engine.lanes.enabled,
+        "arrival_policy": asdict(engine.arrival_policy),
         "max_graph_frames": engine.encoder.frame_shapes.max_batch,
         "graphs_captured": engine.graphs_captured,
         "decision_latency_s": percentiles(latencies),
@@ -180,9 +190,9 @@ def main(argv: list[str] | None = None) -> int:
                              "(default 32)")
     parser.add_argument("--batch", type=int, default=32, help="clips per step at most (default 32, the server's)")
     parser.add_argument("--respond-every", type=int, default=8, help="a trigger every N clips per stream (default 8)")
-    parser.add_argument("--settings", default="lanes,one_stream",
+    parser.add_argument("--settings", default="one_stream,closes_first",
                         help=f"settings to run, in order, comma-separated, of {', '.join(SETTINGS)} (default "
-                             "lanes,one_stream); each after the first is compared with the first")
+                             "one_stream,closes_first); each after the first is compared with the first")
     # Two settings on one CUDA stream, where no race can be (one_stream and eager_frames), differed by up to 0.23
     # spreads on an H200 at 832 streams: bf16 rounding in other batch shapes, carried on by each stream's context.
     parser.add_argument("--tolerance", type=float, default=0.5,

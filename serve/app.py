@@ -110,6 +110,7 @@ def make_backends(config: ServerConfig, parts: ModelParts) -> Backends:
         kv_slots=config.sidecar_kv_slots,
         cuda_graphs=config.cuda_graphs,
         lanes=config.sidecar_lanes,
+        schedule=config.sidecar_schedule,
         turn_log=config.sidecar_turn_log,
         quantization=config.sidecar_quantization,
         frame_ring_mb=config.frame_ring_mb,

@@ -137,6 +137,13 @@ def build_parser() -> argparse.ArgumentParser:
                               "for on a low-priority CUDA stream, a closing clip's work on a high-priority one (GPU "
                               "only; DISPIDER_SIDECAR_LANES=0 keeps one stream). Off by default: on an H200 it was "
                               "no faster and its tail was longer (docs/benchmarks.md)")
+    sidecar.add_argument("--sidecar-schedule", choices=["closes-first", "together"], default=defaults.sidecar_schedule,
+                         help="with --frame-perception arrival/prefill, when the frames go through the CLIP tower: "
+                              "closes-first (a step for closed clips passes only their own waiting frames, most often "
+                              "their last; the other streams' frames go in passes of at most 32 when no closed clip "
+                              "waits, so a close waits behind one short pass at most) or together (every step passes "
+                              "all waiting frames, up to 512, then decides the closed clips: the schedule before). "
+                              f"Default {defaults.sidecar_schedule}")
     sidecar.add_argument("--sidecar-turn-log", metavar="PATH",
                          help="write a JSON line for every turn of the sidecar's loop (commands taken in, step time, "
                               "clips) to PATH, to lay slow decisions against (benchmarks/turn_timeline.py); off by "
@@ -254,7 +261,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         sidecar_device=args.sidecar_device, sidecar_threads=args.sidecar_threads,
         preprocess_on=args.preprocess_on, preprocess_workers=args.preprocess_workers,
         frame_perception=args.frame_perception, sidecar_kv_slots=args.sidecar_kv_slots,
-        cuda_graphs=args.cuda_graphs, sidecar_lanes=args.sidecar_lanes, sidecar_turn_log=args.sidecar_turn_log,
+        cuda_graphs=args.cuda_graphs, sidecar_lanes=args.sidecar_lanes,
+        sidecar_schedule=args.sidecar_schedule, sidecar_turn_log=args.sidecar_turn_log,
         sidecar_quantization=args.sidecar_quantization, quantization=args.quantization,
         frame_ring_mb=args.frame_ring_mb,
         max_batch_clips=args.max_batch_clips, max_kept_clips=args.max_kept_clips,

@@ -60,6 +60,9 @@ class ServerConfig:
     sidecar_kv_slots: int = 16  # streams whose decision KV caches the sidecar allocates up front
     cuda_graphs: bool = True  # the sidecar's small steps from CUDA graphs (GPU only)
     sidecar_lanes: bool = False  # the frames' passes no clip waits on, on a low-priority CUDA stream (GPU only)
+    # closes-first: a closed clip's step passes only its own frames, the others' go in steps of their own; together:
+    # every step passes all waiting frames (dispider_vllm.sidecar.engine.ArrivalPolicy)
+    sidecar_schedule: str = "closes-first"
     sidecar_turn_log: str | None = None  # a JSON line per sidecar turn here (latency analysis)
     sidecar_quantization: str | None = None  # "fp8": the sidecar's matmuls in FP8 (dispider_vllm/fp8.py)
     frame_ring_mb: int = 256  # shared memory carrying frames' pixels to the sidecar (0: pickled through the pipe)

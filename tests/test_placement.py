@@ -86,7 +86,7 @@ def test_fp8_for_the_reaction_is_refused_where_vllm_runs_on_the_cpu(default_chec
 
 def test_engine_and_sidecar_options_reach_the_processes_that_use_them(default_checkpoint, tmp_path):
     """--disable-custom-all-reduce (hosts where vLLM's CUDA-IPC all-reduce fails) reaches vLLM's engine arguments,
-    --preprocess-workers and --preprocess-on the sidecar's configuration."""
+    --preprocess-workers, --preprocess-on, --sidecar-schedule and the others the sidecar's configuration."""
     from serve.app import make_backends
     from serve.cli import build_parser, config_from_args
     from serve.config import default_kept_clips_budget_bytes, host_memory_bytes, resolve_model_parts
@@ -108,6 +108,8 @@ def test_engine_and_sidecar_options_reach_the_processes_that_use_them(default_ch
     assert default.sidecar.config.kv_slots == 16 and default.sidecar.config.cuda_graphs
     tuned = backends("--sidecar-kv-slots", "512", "--no-cuda-graphs").sidecar.config
     assert tuned.kv_slots == 512 and not tuned.cuda_graphs
+    assert default.sidecar.config.schedule == "closes-first"
+    assert backends("--sidecar-schedule", "together").sidecar.config.schedule == "together"
     assert default.sidecar.config.turn_log is None
     turn_log = str(tmp_path / "logs" / "turns.jsonl")
     assert backends("--sidecar-turn-log", turn_log).sidecar.config.turn_log == turn_log

@@ -157,6 +157,7 @@ def test_models_health_and_openapi(client, http, dispider_server):
     assert features["preprocess_workers"] == 4 and features["kv_slots"] == 16 and features["mps_daemon"] is False
     # Frames preprocessed on the host (the CPU's default), so the CLIP tower sees them at each clip's close.
     assert (features["preprocess_on"], features["frame_perception"]) == ("host", "clip")
+    assert features["arrival_policy"]["closes_first"]  # the default schedule, --sidecar-schedule closes-first
     # The kept clips: 32 a stream, 40% of the host's memory for all streams; the server says so at start.
     assert features["max_kept_clips"] == 32 and features["kept_clips_budget_bytes"] == default_kept_clips_budget_bytes()
     assert features["kept_clip_bytes"] > 0

@@ -277,14 +277,16 @@ def test_arrived_frames_go_to_the_tower_in_batches_or_when_a_clip_closes(modules
         new_engine(modules, part_dir, preprocess_on="device", frame_perception="frame")
 
 
-def test_with_lanes_a_closing_clip_takes_only_its_own_frames_to_the_tower(modules, part_dir, frames):
-    """With lanes, a step for a closed clip passes that clip's waiting frames, not every stream's: the others wait
-    for their batch (on a GPU, in the background lane: dispider_vllm/sidecar/lanes.py). Without, one pass takes
-    every frame that waits. The decision is the same."""
+def test_a_closing_clip_takes_only_its_own_frames_to_the_tower_unless_frames_go_together(modules, part_dir, frames):
+    """Closes first (the default schedule) and with lanes, a step for a closed clip passes that clip's waiting frames,
+    not every stream's: the others wait for a pass of their own (with lanes, on a GPU, in the background lane:
+    dispider_vllm/sidecar/lanes.py). With the frames together, one pass takes every frame that waits. The decision is
+    the same."""
     logits = {}
-    for lanes in (True, False):
+    for lanes, closes_first in ((True, False), (False, True), (False, False)):
         engine = new_engine(modules, part_dir, preprocess_on="device", frame_perception="arrival", lanes=lanes,
-                            arrival_policy=ArrivalPolicy(batch_frames=64, wait_s=60.0))
+                            arrival_policy=ArrivalPolicy(batch_frames=64, wait_s=60.0, closes_first=closes_first))
+        alone = lanes or closes_first
         try:
             for stream_id in ("a", "b"):
                 engine.handle(OpenStream(stream_id, "What changes?"))
@@ -293,14 +295,39 @@ def test_with_lanes_a_closing_clip_takes_only_its_own_frames_to_the_tower(module
             assert engine.has_work()
             events += engine.step()
             assert [type(e).__name__ for e in events] == ["ClipPerceived", "Decision"]
-            logits[lanes] = events[-1].event.logit
-            assert engine.frames_perceived_total == (16 if lanes else 19)
-            assert [stream.stream_id for _, stream, _ in engine._arrived] == (["b"] * 3 if lanes else [])
+            logits[lanes, closes_first] = events[-1].event.logit
+            assert engine.frames_perceived_total == (16 if alone else 19)
+            assert [stream.stream_id for _, stream, _ in engine._arrived] == (["b"] * 3 if alone else [])
             assert not engine.has_work()  # b's frames wait for 64 or a minute
             assert engine.features()["lanes"] is lanes and not engine.lanes.on_gpu  # the CPU: no CUDA streams
+            assert engine.features()["arrival_policy"]["closes_first"] is closes_first
         finally:
             engine.close()
-    assert logits[True] == pytest.approx(logits[False], abs=1e-5)
+    assert logits[True, False] == pytest.approx(logits[False, False], abs=1e-5)
+    assert logits[False, True] == pytest.approx(logits[False, False], abs=1e-5)
+
+
+def test_closes_first_the_other_frames_go_when_no_closed_clip_waits_a_short_pass_at_a_time(modules, part_dir, frames):
+    """Closes first: frames due for the tower wait while a closed clip's step runs, then go in passes of at most
+    ``max_frames``, each a step of its own; the schedules are named as the server's --sidecar-schedule names them."""
+    assert ArrivalPolicy.named("closes-first") == ArrivalPolicy() and ArrivalPolicy().closes_first
+    assert not ArrivalPolicy.named("together").closes_first and ArrivalPolicy.named("together").max_frames == 512
+    with pytest.raises(ValueError, match="schedule is one of"):
+        ArrivalPolicy.named("fifo")
+    engine = new_engine(modules, part_dir, preprocess_on="device", frame_perception="arrival",
+                        arrival_policy=ArrivalPolicy(batch_frames=2, wait_s=60.0, max_frames=2))
+    try:
+        for stream_id in ("a", "b"):
+            engine.handle(OpenStream(stream_id, "What changes?"))
+        engine.handle(PushFrames("b", tuple(frames[:6])))  # 3 sampled frames: due (2 wait)
+        engine.handle(PushFrames("a", tuple(frames[:32])))  # 16 sampled: clip 0 closes
+        events = engine.step()
+        assert [type(e).__name__ for e in events] == ["ClipPerceived", "Decision"]
+        assert engine.frames_perceived_total == 16 and len(engine._arrived) == 3
+        assert engine.has_work() and engine.step() == [] and engine.frames_perceived_total == 18
+        assert not engine.has_work() and len(engine._arrived) == 1  # one frame: not due for a minute
+    finally:
+        engine.close()
 
 
 def test_lanes_on_a_cpu_have_no_cuda_streams_and_the_env_turns_them_off(monkeypatch):
@@ -738,16 +765,18 @@ def test_lanes_bench_tiny_writes_a_well_formed_report(tmp_path):
     out = tmp_path / "lanes.json"
     # 2 streams started 8 s apart: the first's clip closes at 15 s, in the measured 2 s
     assert bench.main(["--tiny", "--streams", "2", "--warmup", "15", "--seconds", "2", "--out", str(out),
-                       "--settings", "lanes,one_stream,eager_frames"]) == 0
+                       "--settings", "lanes,one_stream,eager_frames,closes_first"]) == 0
     report = json.loads(out.read_text())
     assert report["benchmark"] == "lanes" and report["device"]["name"].startswith("CPU")
-    assert report["settings"] == ["lanes", "one_stream", "eager_frames"] and report["ok"]
-    for name, lanes, graph_frames in (("lanes", True, 32), ("one_stream", False, 32), ("eager_frames", False, 0)):
+    assert report["settings"] == ["lanes", "one_stream", "eager_frames", "closes_first"] and report["ok"]
+    for name, lanes, graph_frames, closes_first in (("lanes", True, 32, False), ("one_stream", False, 32, False),
+                                                    ("eager_frames", False, 0, False), ("closes_first", False, 32, True)):
         setting = report[name]
         assert setting["lanes"] is lanes and setting["max_graph_frames"] == graph_frames
+        assert setting["arrival_policy"]["closes_first"] is closes_first
         assert setting["frames_late"] == 0 and setting["clips_decided"] >= 1
         assert setting["decision_latency_s"]["count"] >= 1 and setting["decision_latency_s"]["p50"] > 0
         assert setting["frames_pushed"] >= 2 * 9 and setting["steps"] >= 1
-    for name in ("one_stream", "eager_frames"):
+    for name in ("one_stream", "eager_frames", "closes_first"):
         assert report["agreement"][name]["ok"] and report["agreement"][name]["clips"] >= 1
         assert report["ratios"][f"{name}_over_lanes"]["p50"] > 0

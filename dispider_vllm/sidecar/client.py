@@ -58,6 +58,7 @@ class SidecarConfig:
     kv_slots: int = 16  # streams whose decision KV caches are allocated up front (the pool doubles past them)
     cuda_graphs: bool = True  # small steps replayed from CUDA graphs on a GPU (dispider_vllm/cuda_graphs.py)
     lanes: bool = False  # on a GPU: frames' passes on a low-priority CUDA stream (dispider_vllm/sidecar/lanes.py)
+    schedule: str = "closes-first"  # or "together": when arrived frames go through the tower (see ArrivalPolicy)
     turn_log: str | None = None  # a JSON line per turn of the loop here (dispider_vllm/sidecar/turn_log.py)
     quantization: str | None = None  # "fp8": both models' matmuls in FP8 (dispider_vllm/fp8.py)
     frame_ring_mb: int = 256  # shared memory carrying frame pixels to the sidecar (0: pickled through the pipe)

@@ -29,7 +29,7 @@ from collections import OrderedDict, deque
 from collections.abc import Callable
 from contextlib import nullcontext
 from concurrent.futures import ALL_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 
 from dispider_vllm.decision.engine import DecisionConfig, DecisionEngine, clip_bytes_at_shapes
 from dispider_vllm.fp8 import check_supported as check_fp8_supported
@@ -82,17 +82,34 @@ SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.
 STEP_PHASES = ("preprocess_wait", "perceive_frames", "prefill_frames", "perceive", "decide")
 PREPROCESS_PLACES = ("host", "device")
 FRAME_PERCEPTIONS = ("clip", "arrival", "prefill")
+SCHEDULES = ("closes-first", "together")  # see ArrivalPolicy
 
 
 @dataclass(frozen=True)
 class ArrivalPolicy:
     """When frames that arrived go through the CLIP tower (``frame_perception="arrival"``): at once when a closed
     clip needs them; otherwise once ``batch_frames`` wait or the oldest has waited ``wait_s`` (so a few streams'
-    frames still go in batches, and a pass never holds more than ``max_frames`` of them)."""
+    frames still go in batches, and a pass never holds more than ``max_frames`` of them).
 
-    batch_frames: int = 64
+    ``closes_first`` (the default schedule, "closes-first"): while a closed clip waits, a step passes only its own
+    waiting frames (most often its last one), then its compact-model pass and decision; the other frames, whose clips
+    close up to 16 s later, go in steps of their own when no closed clip waits, ``max_frames`` at a time, so a close
+    waits behind one short pass at most. Otherwise ("together", the schedule before the twenty-first session) each
+    step passes every waiting frame, up to ``max_frames``, and then decides the closed clips."""
+
+    batch_frames: int = 32
     wait_s: float = 0.25
-    max_frames: int = 512
+    max_frames: int = 32  # the largest pass replayed from a CUDA graph: 12.8 ms on an H200
+    closes_first: bool = True
+
+    @classmethod
+    def named(cls, schedule: str) -> ArrivalPolicy:
+        """The policy of a schedule of ``SCHEDULES``."""
+        if schedule == "closes-first":
+            return cls()
+        if schedule == "together":
+            return cls(batch_frames=64, max_frames=512, closes_first=False)
+        raise ValueError(f"the sidecar's schedule is one of {SCHEDULES}, not {schedule!r}")
 
 
 @dataclass
@@ -209,7 +226,7 @@ class SidecarEngine:
         """``preprocess_on``: "host" (the CPU resizes and normalises each frame) or "device" (the encoder does,
         on the model's device; the host only stacks a clip's uint8 frames, inline, and no pool runs).
         ``frame_perception``: "clip" (the CLIP tower runs over a clip's 16 frames when it closes), "arrival"
-        (over each frame soon after it arrives, when ``arrival_policy`` says; needs ``preprocess_on="device"``; clips
+        (over each frame soon after it arrives, when ``arrival_policy`` says, closed clips' frames first; needs ``preprocess_on="device"``; clips
         cut by scene still go whole, as their 16 frames are chosen only when the scene ends) or "prefill" (as
         "arrival", and each frame's raw tokens through the compact model too, into its clip's cached prefix; the
         prefix pool has as many slots as the decision's, ``decision_config.initial_kv_slots``, to start with).
@@ -285,6 +302,7 @@ class SidecarEngine:
                                 "decision": self.decision.lm.graphs.graphed},
                 "max_batch_clips": self.max_batch_clips, "preprocess_on": self.preprocess_on,
                 "frame_perception": self.frame_perception, "lanes": self.lanes.enabled,
+                "arrival_policy": asdict(self.arrival_policy),
                 "preprocess_workers": self.preprocess_workers,
                 "kv_slots": self.decision.pool.num_slots, "graphs_captured_at_start": self.graphs_captured,
                 "prefix_slots": self.encoder.prefix_pool.num_slots if self.encoder.prefix_pool else 0,
@@ -501,18 +519,21 @@ class SidecarEngine:
         return events
 
     def _perceive_arrived_frames(self) -> None:
-        """The frames that arrived since the last pass, every stream's (oldest first, at most the policy's
-        ``max_frames``), through the CLIP tower as one batch; then each closed window whose frames all have their
-        tokens becomes its Clip. A failed pass fails the clips of its frames (each stream's error).
-
-        With lanes, the closed clips' frames go first, as a batch of their own, and the others when the policy
-        says they are due, as another batch in the background lane, which this step's clips do not wait for. On one
-        stream the close would wait behind both passes anyway, and a small pass costs nearly as much as a large one
-        (on an H200: 9.3 ms for 8 frames, 27 ms for 64), so there they go as one."""
-        if not self.lanes.enabled:
+        """Arrived frames through the CLIP tower as one batch (oldest first), as the ``ArrivalPolicy``'s schedule says;
+        then each closed window whose frames all have their tokens becomes its Clip. A failed pass fails the clips of
+        its frames (each stream's error). With lanes, see ``_perceive_in_lanes``."""
+        if self.lanes.enabled:
+            self._perceive_in_lanes()
+        elif self.arrival_policy.closes_first and self._ready_clips:
+            # Only what the closed clips wait for; the other frames' clips close up to 16 s later.
+            self._tower_pass(self._take_arrived(self._frames_of_closed_windows()))
+        else:
             self._tower_pass(self._take_arrived(limit=self.arrival_policy.max_frames))
-            self._close_perceived_windows()
-            return
+        self._close_perceived_windows()
+
+    def _perceive_in_lanes(self) -> None:
+        """The closed clips' frames first, as a batch of their own, and the others when the policy says they are due,
+        as another batch in the background lane, which this step's clips do not wait for."""
         self._tower_pass(self._take_arrived(self._frames_of_closed_windows()))
         if self._frames_due():
             frames = self._take_arrived(limit=self.arrival_policy.max_frames)
@@ -520,7 +541,6 @@ class SidecarEngine:
             background = self.frame_perception == "arrival"
             with self.lanes.background([frame.features for frame in frames]) if background else nullcontext():
                 self._tower_pass(frames, graphed=not background)  # the graphs' buffers are the urgent lane's
-        self._close_perceived_windows()
 
     def _frames_of_closed_windows(self) -> set[int]:
         """The ids of the closed windows' frames still waiting for their pass."""

@@ -75,7 +75,7 @@ def _build_engine(config: SidecarConfig):
     from dispider_vllm.decision.engine import DecisionConfig
     from dispider_vllm.perception.frames import load_preprocessor_config
     from dispider_vllm.perception.modules import PerceptionDecisionModules
-    from dispider_vllm.sidecar.engine import SidecarEngine, make_respond_policy
+    from dispider_vllm.sidecar.engine import ArrivalPolicy, SidecarEngine, make_respond_policy
 
     if config.threads:
         torch.set_num_threads(config.threads)
@@ -98,6 +98,7 @@ def _build_engine(config: SidecarConfig):
         preprocess_workers=config.preprocess_workers,
         fp8=config.quantization == "fp8",
         lanes=config.lanes,
+        arrival_policy=ArrivalPolicy.named(config.schedule),
     )
 
 
