@@ -12,8 +12,8 @@ the first 16 s so their clips' closes spread too; each turn the loop hands the e
 steps while it has work. A trigger every ``--respond-every`` clips per stream (staggered), as in the live runs.
 Each of ``--settings`` runs on the same engine's models, one after the other:
 
-- ``closes_first``: the server's default (``--sidecar-schedule closes-first``): a step for closed clips passes only
-  their own waiting frames, the other frames go in passes of at most 32 when no closed clip waits;
+- ``closes_first``: the server's default (``--sidecar-schedule closes-first``): a step passes only the closed clips'
+  own waiting frames, decides those clips, and then passes at most 32 of the other frames;
 - ``short_passes``: as ``closes_first``, the other frames in passes of at most 16;
 - ``one_stream``: the schedule before it (``--sidecar-schedule together``): each step passes every waiting frame,
   up to 512, then decides the closed clips; everything on one CUDA stream;

@@ -139,10 +139,10 @@ def build_parser() -> argparse.ArgumentParser:
                               "no faster and its tail was longer (docs/benchmarks.md)")
     sidecar.add_argument("--sidecar-schedule", choices=["closes-first", "together"], default=defaults.sidecar_schedule,
                          help="with --frame-perception arrival/prefill, when the frames go through the CLIP tower: "
-                              "closes-first (a step for closed clips passes only their own waiting frames, most often "
-                              "their last; the other streams' frames go in passes of at most 32 when no closed clip "
-                              "waits, so a close waits behind one short pass at most) or together (every step passes "
-                              "all waiting frames, up to 512, then decides the closed clips: the schedule before). "
+                              "closes-first (a step passes only the closed clips' own waiting frames, most often their "
+                              "last, decides those clips, and only then passes at most 32 of the other streams' "
+                              "frames, so a close waits behind one short pass at most) or together (a step passes all "
+                              "waiting frames, up to 512, then decides the closed clips: the schedule before). "
                               f"Default {defaults.sidecar_schedule}")
     sidecar.add_argument("--sidecar-turn-log", metavar="PATH",
                          help="write a JSON line for every turn of the sidecar's loop (commands taken in, step time, "

@@ -307,24 +307,27 @@ def test_a_closing_clip_takes_only_its_own_frames_to_the_tower_unless_frames_go_
     assert logits[False, True] == pytest.approx(logits[False, False], abs=1e-5)
 
 
-def test_closes_first_the_other_frames_go_when_no_closed_clip_waits_a_short_pass_at_a_time(modules, part_dir, frames):
-    """Closes first: frames due for the tower wait while a closed clip's step runs, then go in passes of at most
-    ``max_frames``, each a step of its own; the schedules are named as the server's --sidecar-schedule names them."""
+def test_closes_first_the_other_frames_go_after_the_closed_clips_decisions_a_short_pass_at_a_time(
+        modules, part_dir, frames):
+    """Closes first: frames due for the tower go after the closed clips' decisions in the same step, one pass of at
+    most ``max_frames`` a step; the schedules are named as the server's --sidecar-schedule names them."""
     assert ArrivalPolicy.named("closes-first") == ArrivalPolicy() and ArrivalPolicy().closes_first
     assert not ArrivalPolicy.named("together").closes_first and ArrivalPolicy.named("together").max_frames == 512
     with pytest.raises(ValueError, match="schedule is one of"):
         ArrivalPolicy.named("fifo")
     engine = new_engine(modules, part_dir, preprocess_on="device", frame_perception="arrival",
                         arrival_policy=ArrivalPolicy(batch_frames=2, wait_s=60.0, max_frames=2))
+    passes = engine.step_stats.step_seconds["perceive_frames"]
     try:
         for stream_id in ("a", "b"):
             engine.handle(OpenStream(stream_id, "What changes?"))
-        engine.handle(PushFrames("b", tuple(frames[:6])))  # 3 sampled frames: due (2 wait)
+        engine.handle(PushFrames("b", tuple(frames[:10])))  # 5 sampled frames: due (2 wait)
         engine.handle(PushFrames("a", tuple(frames[:32])))  # 16 sampled: clip 0 closes
-        events = engine.step()
+        events = engine.step()  # a's 16 frames, its clip's pass and decision, then 2 of b's frames
         assert [type(e).__name__ for e in events] == ["ClipPerceived", "Decision"]
-        assert engine.frames_perceived_total == 16 and len(engine._arrived) == 3
-        assert engine.has_work() and engine.step() == [] and engine.frames_perceived_total == 18
+        assert engine.frames_perceived_total == 18 and sum(passes.counts) == 2
+        assert [stream.stream_id for _, stream, _ in engine._arrived] == ["b"] * 3
+        assert engine.has_work() and engine.step() == [] and engine.frames_perceived_total == 20
         assert not engine.has_work() and len(engine._arrived) == 1  # one frame: not due for a minute
     finally:
         engine.close()

@@ -91,11 +91,12 @@ class ArrivalPolicy:
     clip needs them; otherwise once ``batch_frames`` wait or the oldest has waited ``wait_s`` (so a few streams'
     frames still go in batches, and a pass never holds more than ``max_frames`` of them).
 
-    ``closes_first`` (the default schedule, "closes-first"): while a closed clip waits, a step passes only its own
-    waiting frames (most often its last one), then its compact-model pass and decision; the other frames, whose clips
-    close up to 16 s later, go in steps of their own when no closed clip waits, ``max_frames`` at a time, so a close
-    waits behind one short pass at most. Otherwise ("together", the schedule before the twenty-first session) each
-    step passes every waiting frame, up to ``max_frames``, and then decides the closed clips."""
+    ``closes_first`` (the default schedule, "closes-first"): a step passes only the closed clips' own waiting frames
+    (most often their last one), then their compact-model pass and decisions, and only then the other frames, whose
+    clips close up to 16 s later, when due: one pass of at most ``max_frames``, which on a GPU runs while the loop
+    takes in the next commands, so the next closes wait behind one short pass at most. Otherwise ("together", the
+    schedule before the twenty-first session) a step passes every waiting frame, up to ``max_frames``, and then
+    decides the closed clips, which wait for that whole pass."""
 
     batch_frames: int = 32
     wait_s: float = 0.25
@@ -496,8 +497,23 @@ class SidecarEngine:
             return self._step()
 
     def _step(self) -> list[Event]:
-        if self._frames_due() or self._closing:
+        closes_first = self._closes_first()
+        if self._closing or (self._frames_due() and not closes_first):
             self._perceive_arrived_frames()
+        events = self._decide_ready_clips()
+        if closes_first and self._frames_due():
+            # After the closed clips' decisions, so they never wait for it: on a GPU it runs while the loop takes
+            # in the next commands, and the next step's work queues behind at most this one short pass.
+            self._tower_pass(self._take_arrived(limit=self.arrival_policy.max_frames))
+        events.extend(self._finished_streams())
+        return events
+
+    def _closes_first(self) -> bool:
+        return self.arrival_policy.closes_first and not self.lanes.enabled
+
+    def _decide_ready_clips(self) -> list[Event]:
+        """One fair batch of the closed clips that are ready, perceived and decided; the events, with those of clips
+        whose preprocessing failed."""
         waited = self._wait_for_preprocessing()
         failed: list[Event] = []
         batch = self._take_fair_batch(failed)
@@ -514,18 +530,16 @@ class SidecarEngine:
                 for _, pending in batch:
                     if pending.clip.prefix is not None:
                         self.encoder.release_prefix(pending.clip.prefix)
-        events.extend(failed)
-        events.extend(self._finished_streams())
-        return events
+        return events + failed
 
     def _perceive_arrived_frames(self) -> None:
-        """Arrived frames through the CLIP tower as one batch (oldest first), as the ``ArrivalPolicy``'s schedule says;
-        then each closed window whose frames all have their tokens becomes its Clip. A failed pass fails the clips of
-        its frames (each stream's error). With lanes, see ``_perceive_in_lanes``."""
+        """Arrived frames through the CLIP tower as one batch (oldest first): closes first, only those the closed
+        clips wait for; otherwise up to the policy's ``max_frames``. Then each closed window whose frames all have
+        their tokens becomes its Clip. A failed pass fails the clips of its frames (each stream's error). With
+        lanes, see ``_perceive_in_lanes``."""
         if self.lanes.enabled:
             self._perceive_in_lanes()
-        elif self.arrival_policy.closes_first and self._ready_clips:
-            # Only what the closed clips wait for; the other frames' clips close up to 16 s later.
+        elif self._closes_first():
             self._tower_pass(self._take_arrived(self._frames_of_closed_windows()))
         else:
             self._tower_pass(self._take_arrived(limit=self.arrival_policy.max_frames))
