@@ -94,7 +94,8 @@ class ArrivalPolicy:
     ``closes_first`` (the default schedule, "closes-first"): a step passes only the closed clips' own waiting frames
     (most often their last one), then their compact-model pass and decisions, and only then the other frames, whose
     clips close up to 16 s later, when due: one pass of at most ``max_frames``, which on a GPU runs while the loop
-    takes in the next commands, so the next closes wait behind one short pass at most. Otherwise ("together", the
+    takes in the next commands, so the next closes wait behind one short pass at most (when such passes fall behind,
+    every frame that has waited ``wait_s`` goes, up to ``catch_up_frames``). Otherwise ("together", the
     schedule before the twenty-first session) a step passes every waiting frame, up to ``max_frames``, and then
     decides the closed clips, which wait for that whole pass."""
 
@@ -102,6 +103,7 @@ class ArrivalPolicy:
     wait_s: float = 0.25
     max_frames: int = 32  # the largest pass replayed from a CUDA graph: 12.8 ms on an H200
     closes_first: bool = True
+    catch_up_frames: int = 512  # closes first: a pass takes every frame that waited wait_s, up to this many
 
     @classmethod
     def named(cls, schedule: str) -> ArrivalPolicy:
@@ -504,12 +506,25 @@ class SidecarEngine:
         if closes_first and self._frames_due():
             # After the closed clips' decisions, so they never wait for it: on a GPU it runs while the loop takes
             # in the next commands, and the next step's work queues behind at most this one short pass.
-            self._tower_pass(self._take_arrived(limit=self.arrival_policy.max_frames))
+            self._tower_pass(self._take_arrived(limit=self._other_frames_pass()))
         events.extend(self._finished_streams())
         return events
 
     def _closes_first(self) -> bool:
         return self.arrival_policy.closes_first and not self.lanes.enabled
+
+    def _other_frames_pass(self) -> int:
+        """How many frames no closed clip waits for go in this step's pass: ``max_frames``, or every frame that has
+        waited ``wait_s`` (up to ``catch_up_frames``) when short passes fell behind (a GPU shared with vLLM, steps of
+        many clips), so the frames keep up and the closes do not end up passing their clips' frames themselves."""
+        policy = self.arrival_policy
+        aged_before = time.monotonic() - policy.wait_s
+        aged = 0
+        for arrived_at, _, _ in self._arrived:
+            if arrived_at > aged_before or aged >= policy.catch_up_frames:
+                break
+            aged += 1
+        return max(policy.max_frames, aged)
 
     def _decide_ready_clips(self) -> list[Event]:
         """One fair batch of the closed clips that are ready, perceived and decided; the events, with those of clips
