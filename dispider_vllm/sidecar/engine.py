@@ -13,7 +13,8 @@ the CPU work is spread over the clip's 16 seconds instead of sitting between its
 uint8 frames, and the encoder resizes and normalises them on the GPU, batched with the step's other clips.
 With ``frame_perception="arrival"`` (on top of device preprocessing) each sampled frame also goes through the CLIP
 tower soon after it arrives, batched with every stream's frames of that moment, so a closing clip is left with the
-compact model's pass and the decision: about half the work between its last frame and its decision.
+compact model's pass and the decision: about half the work between its last frame and its decision. A step does the
+closed clips' work first and the other streams' frames after it, a short pass at a time (``ArrivalPolicy``).
 With ``frame_perception="prefill"`` the compact model's pass also runs as the frames arrive, over the clip's time
 prompt and each frame's raw tokens, into a K/V cache per clip in progress; a closing clip is left with its last
 frame's tower and prefill, 65 positions of the pass, and the decision.
