@@ -785,8 +785,9 @@ def test_lanes_bench_tiny_writes_a_well_formed_report(tmp_path):
     report = json.loads(out.read_text())
     assert report["benchmark"] == "lanes" and report["device"]["name"].startswith("CPU")
     assert report["settings"] == ["lanes", "one_stream", "eager_frames", "closes_first"] and report["ok"]
-    for name, lanes, graph_frames, closes_first in (("lanes", True, 32, False), ("one_stream", False, 32, False),
-                                                    ("eager_frames", False, 0, False), ("closes_first", False, 32, True)):
+    expected = (("lanes", True, 32, False), ("one_stream", False, 32, False), ("eager_frames", False, 0, False),
+                ("closes_first", False, 32, True))
+    for name, lanes, graph_frames, closes_first in expected:
         setting = report[name]
         assert setting["lanes"] is lanes and setting["max_graph_frames"] == graph_frames
         assert setting["arrival_policy"]["closes_first"] is closes_first

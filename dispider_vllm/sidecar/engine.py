@@ -230,8 +230,9 @@ class SidecarEngine:
         """``preprocess_on``: "host" (the CPU resizes and normalises each frame) or "device" (the encoder does,
         on the model's device; the host only stacks a clip's uint8 frames, inline, and no pool runs).
         ``frame_perception``: "clip" (the CLIP tower runs over a clip's 16 frames when it closes), "arrival"
-        (over each frame soon after it arrives, when ``arrival_policy`` says, closed clips' frames first; needs ``preprocess_on="device"``; clips
-        cut by scene still go whole, as their 16 frames are chosen only when the scene ends) or "prefill" (as
+        (over each frame soon after it arrives, when ``arrival_policy`` says, closed clips' frames first; needs
+        ``preprocess_on="device"``; clips cut by scene still go whole, as their 16 frames are chosen only when the
+        scene ends) or "prefill" (as
         "arrival", and each frame's raw tokens through the compact model too, into its clip's cached prefix; the
         prefix pool has as many slots as the decision's, ``decision_config.initial_kv_slots``, to start with).
         ``preprocess_workers``: threads preprocessing frames on the host; 0 (the default): inline, in
