@@ -331,19 +331,21 @@ def test_closes_first_the_other_frames_go_after_the_closed_clips_decisions_a_sho
         assert not engine.has_work() and len(engine._arrived) == 1  # one frame: not due for a minute
     finally:
         engine.close()
-    # Short passes behind: every frame that waited wait_s goes in one pass (here b's 5 and a's 8: the catch-up).
-    engine = new_engine(modules, part_dir, preprocess_on="device", frame_perception="arrival",
-                        arrival_policy=ArrivalPolicy(batch_frames=2, wait_s=0.1, max_frames=2))
-    try:
-        for stream_id in ("a", "b"):
-            engine.handle(OpenStream(stream_id, "What changes?"))
-        engine.handle(PushFrames("b", tuple(frames[:10])))
-        engine.handle(PushFrames("a", tuple(frames[:16])))  # 8 sampled frames, no clip closed
-        time.sleep(0.15)
-        engine.handle(PushFrames("a", tuple(frames[16:22])))  # 3 more, not yet waited long
-        assert engine.step() == [] and engine.frames_perceived_total == 13 and len(engine._arrived) == 3
-    finally:
-        engine.close()
+    # Short passes behind: every frame that waited wait_s goes in one pass (here b's 5 and a's 8: the catch-up),
+    # with lanes too (their background pass).
+    for lanes in (False, True):
+        engine = new_engine(modules, part_dir, preprocess_on="device", frame_perception="arrival", lanes=lanes,
+                            arrival_policy=ArrivalPolicy(batch_frames=2, wait_s=0.1, max_frames=2))
+        try:
+            for stream_id in ("a", "b"):
+                engine.handle(OpenStream(stream_id, "What changes?"))
+            engine.handle(PushFrames("b", tuple(frames[:10])))
+            engine.handle(PushFrames("a", tuple(frames[:16])))  # 8 sampled frames, no clip closed
+            time.sleep(0.15)
+            engine.handle(PushFrames("a", tuple(frames[16:22])))  # 3 more, not yet waited long
+            assert engine.step() == [] and engine.frames_perceived_total == 13 and len(engine._arrived) == 3
+        finally:
+            engine.close()
 
 
 def test_lanes_on_a_cpu_have_no_cuda_streams_and_the_env_turns_them_off(monkeypatch):

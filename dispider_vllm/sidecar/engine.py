@@ -516,9 +516,10 @@ class SidecarEngine:
         return self.arrival_policy.closes_first and not self.lanes.enabled
 
     def _other_frames_pass(self) -> int:
-        """How many frames no closed clip waits for go in this step's pass: ``max_frames``, or every frame that has
-        waited ``wait_s`` (up to ``catch_up_frames``) when short passes fell behind (a GPU shared with vLLM, steps of
-        many clips), so the frames keep up and the closes do not end up passing their clips' frames themselves."""
+        """How many frames no closed clip waits for go in this step's pass (closes first, or with lanes):
+        ``max_frames``, or every frame that has waited ``wait_s`` (up to ``catch_up_frames``) when short passes fell
+        behind (a GPU shared with vLLM, steps of many clips), so the frames keep up and the closes do not end up
+        passing their clips' frames themselves."""
         policy = self.arrival_policy
         aged_before = time.monotonic() - policy.wait_s
         aged = 0
@@ -567,7 +568,7 @@ class SidecarEngine:
         as another batch in the background lane, which this step's clips do not wait for."""
         self._tower_pass(self._take_arrived(self._frames_of_closed_windows()))
         if self._frames_due():
-            frames = self._take_arrived(limit=self.arrival_policy.max_frames)
+            frames = self._take_arrived(limit=self._other_frames_pass())
             # The prefill's graphs share their inputs: its passes stay on one lane.
             background = self.frame_perception == "arrival"
             with self.lanes.background([frame.features for frame in frames]) if background else nullcontext():
