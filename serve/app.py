@@ -120,6 +120,7 @@ def make_backends(config: ServerConfig, parts: ModelParts) -> Backends:
         dtype=config.dtype if config.dtype != "auto" else ("float32" if on_cpu else "auto"),
         max_model_len=config.max_model_len,
         max_num_seqs=config.max_num_seqs,
+        max_num_batched_tokens=config.max_num_batched_tokens,
         gpu_memory_utilization=placement.gpu_memory_utilization,
         tensor_parallel_size=placement.tensor_parallel_size,
         enforce_eager=on_cpu if config.enforce_eager is None else config.enforce_eager,

@@ -75,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"longest reaction prompt + answer in tokens (default {defaults.max_model_len}; a "
                              "streaming answer's prompt is about 4,400)")
     engine.add_argument("--max-num-seqs", type=int, metavar="N", help="answers generated at once (vLLM's default)")
+    engine.add_argument("--max-num-batched-tokens", type=int, metavar="N",
+                        help="prompt and answer tokens one vLLM step takes: an answer's prompt (about 4,400 "
+                             "positions) is prefilled in chunks of this size (default: vLLM's for this engine, 2048)")
     engine.add_argument("--gpu-memory-utilization", type=float, metavar="F",
                         help="share of each of its GPUs vLLM may take (default: 0.75 of a GPU the sidecar shares, "
                              "0.9 of one it does not)")
@@ -255,6 +258,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         checkpoint=args.checkpoint, split_dir=args.split_dir, served_model_name=args.served_model_name,
         host=args.host, port=args.port,
         dtype=args.dtype, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
         gpu_memory_utilization=args.gpu_memory_utilization, tensor_parallel_size=args.tensor_parallel_size,
         enforce_eager=args.enforce_eager, cpu_kv_cache_gib=args.cpu_kv_cache_gib,
         disable_custom_all_reduce=args.disable_custom_all_reduce,
@@ -297,9 +301,11 @@ def _check(parser: argparse.ArgumentParser, config: ServerConfig) -> str:
     """Refuse bad settings; say which tenancy, capacity and placement the server runs with."""
     positive = {"--max-upload-mb": config.max_upload_mb, "--max-sessions": config.max_sessions,
                 "--default-max-tokens": config.default_max_tokens, "--event-buffer": config.event_buffer,
-                "--respond-every": config.respond_every or 1, "--max-model-len": config.max_model_len,
-                "--capacity-streams": config.capacity_streams or 1, "--sidecar-kv-slots": config.sidecar_kv_slots,
+                "--max-model-len": config.max_model_len, "--sidecar-kv-slots": config.sidecar_kv_slots,
                 "--max-kept-clips": config.max_kept_clips, "--keep-alive": config.keep_alive_s}
+    optional = {"--respond-every": config.respond_every, "--capacity-streams": config.capacity_streams,
+                "--max-num-seqs": config.max_num_seqs, "--max-num-batched-tokens": config.max_num_batched_tokens}
+    positive.update({flag: value for flag, value in optional.items() if value is not None})  # None: not given
     for flag, value in positive.items():
         if value < 1:
             parser.error(f"{flag} must be >= 1")

@@ -114,6 +114,8 @@ def test_engine_and_sidecar_options_reach_the_processes_that_use_them(default_ch
     turn_log = str(tmp_path / "logs" / "turns.jsonl")
     assert backends("--sidecar-turn-log", turn_log).sidecar.config.turn_log == turn_log
     assert default.sidecar.config.quantization is None and default.engine.engine_args().quantization is None
+    assert default.engine.engine_args().max_num_batched_tokens is None  # vLLM picks (2048 for this engine)
+    assert backends("--max-num-batched-tokens", "512").engine.engine_args().max_num_batched_tokens == 512
     assert backends("--sidecar-quantization", "fp8").sidecar.config.quantization == "fp8"
     # The kept clips: 32 a stream, and 40% of the host's memory for all streams, unless told otherwise.
     assert default.sidecar.config.max_kept_clips == 32
@@ -126,6 +128,10 @@ def test_engine_and_sidecar_options_reach_the_processes_that_use_them(default_ch
 @pytest.mark.parametrize(("flags", "message"), [(["--preprocess-workers", "-1"], "--preprocess-workers must be >= 0"),
                                                (["--sidecar-kv-slots", "0"], "--sidecar-kv-slots must be >= 1"),
                                                (["--max-kept-clips", "0"], "--max-kept-clips must be >= 1"),
+                                               (["--max-num-batched-tokens", "0"],
+                                                "--max-num-batched-tokens must be >= 1"),
+                                               (["--capacity-streams", "0"], "--capacity-streams must be >= 1"),
+                                               (["--respond-every", "0"], "--respond-every must be >= 1"),
                                                (["--keep-alive", "0"], "--keep-alive must be >= 1"),
                                                (["--switch-interval", "0"], "--switch-interval must be between"),
                                                (["--kept-clips-memory-gib", "0"], "--kept-clips-memory-gib must be > 0"),

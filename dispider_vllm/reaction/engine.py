@@ -74,6 +74,8 @@ class ReactionEngineConfig:
     dtype: str = "auto"  # "float32" on the CPU
     max_model_len: int | None = 16384  # 4 clips (4352) + global memory + prompt + earlier answers, with room
     max_num_seqs: int | None = None
+    # Prompt tokens one engine step takes (the prefill chunk); None: vLLM's default for this engine, 2048.
+    max_num_batched_tokens: int | None = None
     gpu_memory_utilization: float = 0.85
     tensor_parallel_size: int = 1
     enforce_eager: bool = False
@@ -119,6 +121,7 @@ class ReactionEngine:
             quantization=self.config.quantization,
             max_model_len=self.config.max_model_len,
             max_num_seqs=self.config.max_num_seqs,
+            max_num_batched_tokens=self.config.max_num_batched_tokens,
             gpu_memory_utilization=self.config.gpu_memory_utilization,
             tensor_parallel_size=self.config.tensor_parallel_size,
             enforce_eager=self.config.enforce_eager,
