@@ -77,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     engine.add_argument("--max-num-seqs", type=int, metavar="N", help="answers generated at once (vLLM's default)")
     engine.add_argument("--max-num-batched-tokens", type=int, metavar="N",
                         help="prompt and answer tokens one vLLM step takes: an answer's prompt (about 4,400 "
-                             "positions) is prefilled in chunks of this size (default: vLLM's for this engine, 2048)")
+                             "positions) is prefilled in chunks of this size (default: 8192 on a GPU, one chunk; "
+                             "vLLM's 2048 on the CPU)")
     engine.add_argument("--gpu-memory-utilization", type=float, metavar="F",
                         help="share of each of its GPUs vLLM may take (default: 0.75 of a GPU the sidecar shares, "
                              "0.9 of one it does not)")

@@ -42,7 +42,7 @@ class ServerConfig:
     dtype: str = "auto"  # float32 on the CPU, the checkpoint's dtype on a GPU
     max_model_len: int = 16384
     max_num_seqs: int | None = None
-    max_num_batched_tokens: int | None = None  # the reaction's prefill chunk; None: vLLM's default (2048)
+    max_num_batched_tokens: int | None = None  # the reaction's prefill chunk; None: 8192 on a GPU, else vLLM's
     gpu_memory_utilization: float | None = None  # None: by placement (0.75 of a GPU shared with the sidecar)
     tensor_parallel_size: int = 1
     enforce_eager: bool | None = None  # None: on for the CPU (no compilation), off on a GPU

@@ -84,6 +84,14 @@ def test_fp8_for_the_reaction_is_refused_where_vllm_runs_on_the_cpu(default_chec
     assert done.returncode == 2 and "--quantization fp8 needs a GPU" in done.stderr, done.stderr
 
 
+def test_the_reaction_prefills_an_answer_in_one_step_on_a_gpu_unless_told():
+    from serve.app import GPU_MAX_NUM_BATCHED_TOKENS, reaction_batched_tokens
+
+    assert reaction_batched_tokens(None, on_cpu=False) == GPU_MAX_NUM_BATCHED_TOKENS >= 4352 + 64
+    assert reaction_batched_tokens(None, on_cpu=True) is None
+    assert reaction_batched_tokens(512, on_cpu=False) == reaction_batched_tokens(512, on_cpu=True) == 512
+
+
 def test_engine_and_sidecar_options_reach_the_processes_that_use_them(default_checkpoint, tmp_path):
     """--disable-custom-all-reduce (hosts where vLLM's CUDA-IPC all-reduce fails) reaches vLLM's engine arguments,
     --preprocess-workers, --preprocess-on, --sidecar-schedule and the others the sidecar's configuration."""
@@ -114,7 +122,7 @@ def test_engine_and_sidecar_options_reach_the_processes_that_use_them(default_ch
     turn_log = str(tmp_path / "logs" / "turns.jsonl")
     assert backends("--sidecar-turn-log", turn_log).sidecar.config.turn_log == turn_log
     assert default.sidecar.config.quantization is None and default.engine.engine_args().quantization is None
-    assert default.engine.engine_args().max_num_batched_tokens is None  # vLLM picks (2048 for this engine)
+    assert default.engine.engine_args().max_num_batched_tokens is None  # on the CPU vLLM picks (2048 here)
     assert backends("--max-num-batched-tokens", "512").engine.engine_args().max_num_batched_tokens == 512
     assert backends("--sidecar-quantization", "fp8").sidecar.config.quantization == "fp8"
     # The kept clips: 32 a stream, and 40% of the host's memory for all streams, unless told otherwise.

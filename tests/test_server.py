@@ -146,6 +146,10 @@ def test_models_health_and_openapi(client, http, dispider_server):
     health = http.get("/health").json()
     placement = health.pop("placement")
     features = health.pop("sidecar_features")
+    # The reaction engine's settings as vLLM resolved them: on the CPU its own prefill chunk (2048) and answers at once.
+    assert health.pop("reaction_features") == {"max_num_batched_tokens": 2048, "max_num_seqs": 128,
+                                               "max_model_len": 8192, "quantization": None,
+                                               "mps_client_priority": "below_normal"}
     # uvicorn's C parser and loop where installed (httptools is a dependency; uvloop comes with vLLM).
     # --switch-interval 2 (conftest) reached the server's process.
     assert health.pop("frontend") == {"http": "httptools", "loop": "uvloop" if installed("uvloop") else "asyncio",

@@ -75,6 +75,7 @@ class ReactionEngineConfig:
     max_model_len: int | None = 16384  # 4 clips (4352) + global memory + prompt + earlier answers, with room
     max_num_seqs: int | None = None
     # Prompt tokens one engine step takes (the prefill chunk); None: vLLM's default for this engine, 2048.
+    # (The server asks for 8192 on a GPU: serve.app.reaction_batched_tokens.)
     max_num_batched_tokens: int | None = None
     gpu_memory_utilization: float = 0.85
     tensor_parallel_size: int = 1
@@ -142,6 +143,15 @@ class ReactionEngine:
 
     def is_alive(self) -> bool:
         return self._llm is not None and not self._llm.errored
+
+    def features(self) -> dict | None:
+        """What the started engine runs with, vLLM's defaults resolved (None before ``start``)."""
+        if self._llm is None:
+            return None
+        scheduler = self._llm.vllm_config.scheduler_config
+        return {"max_num_batched_tokens": scheduler.max_num_batched_tokens, "max_num_seqs": scheduler.max_num_seqs,
+                "max_model_len": self._llm.model_config.max_model_len, "quantization": self.config.quantization,
+                "mps_client_priority": self.config.mps_client_priority}
 
     # -- answers ------------------------------------------------------------------------------------------
     def sampling_params(self, *, max_tokens: int, temperature: float, stop: Sequence[str] | None):
