@@ -122,6 +122,8 @@ def make_backends(config: ServerConfig, parts: ModelParts) -> Backends:
         preprocess_workers=config.preprocess_workers,
         frame_perception=config.frame_perception,
         kv_slots=config.sidecar_kv_slots,
+        # On a GPU it shares, the sidecar may take what vLLM leaves (its KV slots are checked against it at start).
+        memory_share=1 - placement.gpu_memory_utilization if placement.sidecar_shares_gpu else None,
         cuda_graphs=config.cuda_graphs,
         lanes=config.sidecar_lanes,
         schedule=config.sidecar_schedule,

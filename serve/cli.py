@@ -131,8 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
     sidecar.add_argument("--sidecar-kv-slots", type=int, default=defaults.sidecar_kv_slots, metavar="N",
                          help="streams whose decision KV caches the sidecar allocates at start (default "
                               f"{defaults.sidecar_kv_slots}; about 29 MB each at real shapes; past them the pool doubles, "
-                              "which also recaptures its CUDA graphs: set it to the streams you expect; with "
-                              "--frame-perception prefill the prefix pool has as many slots, ~37 MB each)")
+                              "which also recaptures its CUDA graphs: set it to the streams you expect; a count its "
+                              "memory cannot hold is refused at start; with --frame-perception prefill the prefix "
+                              "pool has as many slots, ~37 MB each)")
     sidecar.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
                          help="run the sidecar's small steps eagerly instead of replaying CUDA graphs (GPU only; "
                               "DISPIDER_CUDA_GRAPHS=0 does the same)")

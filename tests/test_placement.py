@@ -114,6 +114,7 @@ def test_engine_and_sidecar_options_reach_the_processes_that_use_them(default_ch
     assert default.sidecar.config.frame_perception == "auto"
     assert backends("--frame-perception", "arrival").sidecar.config.frame_perception == "arrival"
     assert default.sidecar.config.kv_slots == 16 and default.sidecar.config.cuda_graphs
+    assert default.sidecar.config.memory_share is None  # the CPU's sidecar shares no GPU with vLLM
     tuned = backends("--sidecar-kv-slots", "512", "--no-cuda-graphs").sidecar.config
     assert tuned.kv_slots == 512 and not tuned.cuda_graphs
     assert default.sidecar.config.schedule == "closes-first"

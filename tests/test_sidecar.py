@@ -721,6 +721,40 @@ def test_the_sidecar_process_preprocesses_on_a_pool(part_dir):
     assert by_clip.frame_perception == "clip"
 
 
+def test_a_kv_slot_count_the_memory_cannot_hold_is_refused_before_it_is_allocated(modules, part_dir):
+    """--sidecar-kv-slots is checked against what the sidecar may take (its share of a GPU it shares with vLLM,
+    what is free of one of its own, the host's available memory on the CPU) before the pool is allocated."""
+    from dispider_vllm.decision.engine import DecisionConfig, DecisionEngine, KVPoolTooLarge
+    from dispider_vllm.sidecar.process import _build_engine, shared_gpu_budget
+
+    with pytest.raises(ValueError) as refused:
+        _build_engine(SidecarConfig(part_dir=str(part_dir), kv_slots=10**9))  # petabytes: nothing is allocated
+    message = str(refused.value)
+    assert message.startswith("--sidecar-kv-slots 1000000000: the decision KV caches of 1000000000 streams take")
+    assert "(the host's available memory); lower --sidecar-kv-slots" in message
+
+    async def start_the_process():  # the same refusal from the sidecar's own process, as the server sees it
+        client = SidecarClient(SidecarConfig(part_dir=str(part_dir), kv_slots=10**9, threads=1, frame_ring_mb=0))
+        try:
+            await client.start(timeout=300)
+        finally:
+            await client.stop()
+
+    with pytest.raises(RuntimeError, match=r"did not start: ValueError: --sidecar-kv-slots 1000000000: the decision"):
+        asyncio.run(start_the_process())
+    # The check counts what the pool allocates: a budget of exactly that passes, one byte less does not.
+    exact = DecisionEngine(modules, DecisionConfig(initial_kv_slots=3)).kv_pool_bytes()
+    fits = DecisionEngine(modules, DecisionConfig(initial_kv_slots=3, kv_memory_budget_bytes=exact))
+    assert fits.kv_pool_bytes() == exact
+    with pytest.raises(KVPoolTooLarge, match="of 3 streams take"):
+        DecisionEngine(modules, DecisionConfig(initial_kv_slots=3, kv_memory_budget_bytes=exact - 1))
+    # On a GPU shared with vLLM the share counts, not what is free (vLLM may not have taken its part yet).
+    gib = 2**30
+    budget, source = shared_gpu_budget(100 * gib, 140 * gib, 0.25, 4 * gib, "cuda:0")
+    assert budget == 31 * gib and source.startswith("the 0.25 of cuda:0's 140 GiB that vLLM leaves the sidecar")
+    assert shared_gpu_budget(60 * gib, 80 * gib, None, 4 * gib, "cuda:1") == (60 * gib, "free on cuda:1")
+
+
 def test_kept_clips_of_all_streams_stay_within_the_budget_and_are_reported(modules, part_dir, frames):
     """Two streams of real clips under a budget of 3 clips: the stream keeping the most clips loses its oldest (ties:
     the one opened first), the sidecar's stats report what is kept, and closing the streams frees it all."""

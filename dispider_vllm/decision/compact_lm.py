@@ -39,6 +39,7 @@ host can queue the next pass while the device still runs this one.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -71,13 +72,20 @@ class KVPool:
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, *, dtype: torch.dtype,
                  device: torch.device, slots: int = 4, capacity: int = 1024, growth_multiple: int = 256):
         self.growth_multiple = growth_multiple
-        capacity = -(-capacity // growth_multiple) * growth_multiple  # whole multiples, as every growth after
-        shape = (num_layers, 1 + slots, capacity, num_kv_heads, head_dim)
+        shape = self.shape(num_layers, num_kv_heads, head_dim, slots=slots, capacity=capacity,
+                           growth_multiple=growth_multiple)
         # Zeros, not empty: masked-out scratch is still multiplied by a zero weight, and 0 * NaN would leak.
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.lengths = [0] * (1 + slots)
         self.free = list(range(slots, SCRATCH_SLOT, -1))
+
+    @staticmethod
+    def shape(num_layers: int, num_kv_heads: int, head_dim: int, *, slots: int, capacity: int,
+              growth_multiple: int = 256) -> tuple[int, ...]:
+        """The shape of ``k`` (and ``v``) of a pool of ``slots`` streams, before it is allocated."""
+        capacity = -(-capacity // growth_multiple) * growth_multiple  # whole multiples, as every growth after
+        return (num_layers, 1 + slots, capacity, num_kv_heads, head_dim)
 
     @property
     def capacity(self) -> int:
@@ -235,6 +243,11 @@ class CompactLM:
         if self.device.type != "cuda":
             return host
         return host.pin_memory().to(self.device, non_blocking=True)
+
+    def pool_bytes(self, *, slots: int, capacity: int) -> int:
+        """What :meth:`new_pool` of ``slots`` streams and ``capacity`` positions allocates, K and V."""
+        shape = KVPool.shape(len(self.model.layers), self.num_kv_heads, self.head_dim, slots=slots, capacity=capacity)
+        return 2 * math.prod(shape) * self.dtype.itemsize
 
     def new_pool(self, **kwargs) -> KVPool:
         return KVPool(len(self.model.layers), self.num_kv_heads, self.head_dim, dtype=self.dtype,

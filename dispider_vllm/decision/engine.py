@@ -76,6 +76,8 @@ class DecisionConfig:
     # briefly doubling it): a sidecar that knows its stream count and window can size it from the start.
     initial_kv_slots: int = 4
     initial_kv_tokens: int = 1024
+    # Bytes the pool may take at the start (None: no limit); a larger pool is refused before it is allocated.
+    kv_memory_budget_bytes: int | None = None
     # Decision forwards of at most max_graph_batch streams run padded to a bucket, replayed from CUDA graphs on a
     # GPU (compact_lm's module docstring); DISPIDER_CUDA_GRAPHS=0 turns them off too. Unused when an lm is passed.
     cuda_graphs: bool = True
@@ -132,6 +134,16 @@ class _Decided:
     position: int  # in the round's results
 
 
+class KVPoolTooLarge(ValueError):
+    """The KV pool asked for at the start would not fit in the memory it was given."""
+
+    def __init__(self, slots: int, pool_bytes: int, budget_bytes: int) -> None:
+        super().__init__(f"the decision KV caches of {slots} streams take {pool_bytes / 2**30:.1f} GiB up front "
+                         f"({pool_bytes / (slots + 1) / 2**20:.1f} MiB a stream), more than the "
+                         f"{max(budget_bytes, 0) / 2**30:.1f} GiB there is for them")
+        self.slots, self.pool_bytes, self.budget_bytes = slots, pool_bytes, budget_bytes
+
+
 class DecisionEngine:
     """Decides every new clip of every open stream, batched; see the module docstring."""
 
@@ -142,6 +154,7 @@ class DecisionEngine:
         self.force_respond = force_respond
         self.lm = lm or CompactLM(modules.language_model, cuda_graphs=self.config.cuda_graphs,
                                   max_graph_batch=self.config.max_graph_batch, fp8=self.config.fp8)
+        self._check_pool_fits()
         self.pool: KVPool = self.lm.new_pool(slots=self.config.initial_kv_slots,
                                              capacity=self.config.initial_kv_tokens)
         with torch.inference_mode():
@@ -151,6 +164,17 @@ class DecisionEngine:
         self._kept_bytes = 0  # over all streams' kept clips
         self._evicted_total = 0
         self._warned_over_budget = False  # one warning while the budget cannot be met, not one per round
+
+    def _check_pool_fits(self) -> None:
+        """Refuse a pool larger than ``kv_memory_budget_bytes`` before allocating it (an out-of-memory error deep in
+        the start, or a GPU left without room for vLLM, would say less)."""
+        budget = self.config.kv_memory_budget_bytes
+        if budget is None:
+            return
+        slots = self.config.initial_kv_slots
+        pool_bytes = self.lm.pool_bytes(slots=slots, capacity=self.config.initial_kv_tokens)
+        if pool_bytes > budget:
+            raise KVPoolTooLarge(slots, pool_bytes, budget)
 
     # ---- stream lifecycle ---------------------------------------------------------------------------------
     @property

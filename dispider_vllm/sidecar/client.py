@@ -56,6 +56,8 @@ class SidecarConfig:
     # its clip's cached prefix; "clip": the tower at the clip's close
     frame_perception: str = "auto"
     kv_slots: int = 16  # streams whose decision KV caches are allocated up front (the pool doubles past them)
+    # Share of its GPU's memory the sidecar may take, when vLLM takes the rest (None: what is free at its start)
+    memory_share: float | None = None
     cuda_graphs: bool = True  # small steps replayed from CUDA graphs on a GPU (dispider_vllm/cuda_graphs.py)
     lanes: bool = False  # on a GPU: frames' passes on a low-priority CUDA stream (dispider_vllm/sidecar/lanes.py)
     schedule: str = "closes-first"  # or "together": when arrived frames go through the tower (see ArrivalPolicy)

@@ -72,10 +72,8 @@ def run_sidecar(config: SidecarConfig, commands, events, frame_ring: str | None 
 
 
 def _build_engine(config: SidecarConfig):
-    from dispider_vllm.decision.engine import DecisionConfig
-    from dispider_vllm.perception.frames import load_preprocessor_config
+    from dispider_vllm.decision.engine import KVPoolTooLarge
     from dispider_vllm.perception.modules import PerceptionDecisionModules
-    from dispider_vllm.sidecar.engine import ArrivalPolicy, SidecarEngine, make_respond_policy
 
     if config.threads:
         torch.set_num_threads(config.threads)
@@ -83,13 +81,28 @@ def _build_engine(config: SidecarConfig):
         torch.cuda.set_device(torch.device(config.device))  # streams and events then live on the sidecar's GPU
     dtype = getattr(torch, config.dtype)
     modules = PerceptionDecisionModules.load(config.part_dir, device=config.device, dtype=dtype)
+    budget, budget_source = kv_memory_budget(torch.device(config.device), config.memory_share)
+    try:
+        return _sidecar_engine(config, modules, budget)
+    except KVPoolTooLarge as error:
+        raise ValueError(f"--sidecar-kv-slots {config.kv_slots}: {error} ({budget_source}); lower "
+                         "--sidecar-kv-slots (past it the pool grows as streams come) or, on a GPU shared with vLLM, "
+                         "--gpu-memory-utilization") from None
+
+
+def _sidecar_engine(config: SidecarConfig, modules, kv_memory_budget_bytes: int):
+    from dispider_vllm.decision.engine import DecisionConfig
+    from dispider_vllm.perception.frames import load_preprocessor_config
+    from dispider_vllm.sidecar.engine import ArrivalPolicy, SidecarEngine, make_respond_policy
+
     return SidecarEngine(
         modules,
         preprocessor=load_preprocessor_config(Path(config.part_dir) / "vision_tower"),
         max_batch_clips=config.max_batch_clips,
         decision_config=DecisionConfig(max_kept_clips=config.max_kept_clips, max_context_clips=config.max_context_clips,
                                        kept_clips_budget_bytes=config.kept_clips_budget_bytes,
-                                       initial_kv_slots=config.kv_slots, cuda_graphs=config.cuda_graphs),
+                                       initial_kv_slots=config.kv_slots, cuda_graphs=config.cuda_graphs,
+                                       kv_memory_budget_bytes=kv_memory_budget_bytes),
         cuda_graphs=config.cuda_graphs,
         respond_policy=make_respond_policy(config.respond_every, config.respond_probability),
         preprocess_on=preprocess_place(config),
@@ -100,6 +113,25 @@ def _build_engine(config: SidecarConfig):
         lanes=config.lanes,
         arrival_policy=ArrivalPolicy.named(config.schedule),
     )
+
+
+def kv_memory_budget(device: torch.device, memory_share: float | None) -> tuple[int, str]:
+    """Bytes the decision KV pool may take at the start on ``device`` (its models loaded), and whence the figure."""
+    if device.type != "cuda":
+        import psutil
+
+        return psutil.virtual_memory().available, "the host's available memory"
+    free, total = torch.cuda.mem_get_info(device)
+    return shared_gpu_budget(free, total, memory_share, torch.cuda.memory_reserved(device), str(device))
+
+
+def shared_gpu_budget(free: int, total: int, memory_share: float | None, taken: int, device: str) -> tuple[int, str]:
+    """A GPU the sidecar shares with vLLM: its share of the GPU less what its models took (vLLM may not have taken
+    its own yet, so what is free says nothing); a GPU of its own: what is free."""
+    if memory_share is None:
+        return free, f"free on {device}"
+    return int(total * memory_share) - taken, (f"the {memory_share:.2f} of {device}'s {total / 2**30:.0f} GiB that "
+                                               f"vLLM leaves the sidecar, less {taken / 2**30:.1f} GiB its models took")
 
 
 def preprocess_place(config: SidecarConfig) -> str:
