@@ -299,6 +299,13 @@ def _unwritable(path: Path) -> str | None:
         return error.strerror or str(error)
 
 
+def vllm_default_max_num_seqs() -> int:
+    """vLLM's answers at once for an engine built from its arguments, as the reaction's is."""
+    from vllm.config.scheduler import SchedulerConfig
+
+    return SchedulerConfig.DEFAULT_MAX_NUM_SEQS
+
+
 def _check(parser: argparse.ArgumentParser, config: ServerConfig) -> str:
     """Refuse bad settings; say which tenancy, capacity and placement the server runs with."""
     positive = {"--max-upload-mb": config.max_upload_mb, "--max-sessions": config.max_sessions,
@@ -311,6 +318,11 @@ def _check(parser: argparse.ArgumentParser, config: ServerConfig) -> str:
     for flag, value in positive.items():
         if value < 1:
             parser.error(f"{flag} must be >= 1")
+    if config.max_num_batched_tokens is not None:  # vLLM refuses this deep in its start; say it here
+        answers = config.max_num_seqs or vllm_default_max_num_seqs()
+        if config.max_num_batched_tokens < answers:
+            parser.error(f"--max-num-batched-tokens {config.max_num_batched_tokens} is below the answers vLLM "
+                         f"generates at once ({answers}, --max-num-seqs): a step must hold a token of each")
     gib = config.kept_clips_memory_gib
     if gib is not None and not (math.isfinite(gib) and gib > 0):
         parser.error(f"--kept-clips-memory-gib must be > 0 (GiB of memory for all streams' kept clips), not {gib:g}")

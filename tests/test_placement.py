@@ -140,6 +140,11 @@ def test_engine_and_sidecar_options_reach_the_processes_that_use_them(default_ch
                                                (["--max-num-batched-tokens", "0"],
                                                 "--max-num-batched-tokens must be >= 1"),
                                                (["--capacity-streams", "0"], "--capacity-streams must be >= 1"),
+                                               (["--max-num-batched-tokens", "64"],
+                                                "--max-num-batched-tokens 64 is below the answers vLLM generates at "
+                                                "once (128, --max-num-seqs)"),
+                                               (["--max-num-batched-tokens", "64", "--max-num-seqs", "65"],
+                                                "below the answers vLLM generates at once (65"),
                                                (["--respond-every", "0"], "--respond-every must be >= 1"),
                                                (["--keep-alive", "0"], "--keep-alive must be >= 1"),
                                                (["--switch-interval", "0"], "--switch-interval must be between"),
