@@ -82,6 +82,7 @@ from clients.server_metrics import (
     TIME_TO_FIRST_TOKEN,
     Histogram,
     MetricsSnapshot,
+    decision_gate_delta,
 )
 from clients.stream_video import (
     EventRecorder,
@@ -963,6 +964,7 @@ def server_metrics_delta(before: MetricsSnapshot | None, after: MetricsSnapshot 
     result["gc_pauses_s"] = gc_pauses_delta(before, after)
     result["server_loop_lag_s"] = server_loop_lag_delta(before, after)
     result["frame_push_s"] = frame_push_delta(before, after)
+    result["decision_gate"] = decision_gate_delta(before, after)
     return result
 
 

@@ -83,3 +83,17 @@ class MetricsSnapshot:
 
 def _round(value: float | None) -> float | None:
     return None if value is None else round(value, 4)
+
+
+def decision_gate_delta(before: MetricsSnapshot | None, after: MetricsSnapshot) -> dict | None:
+    """The decision gate between two scrapes (a server run with ``--decision-gate-ms``): the sidecar's holds, the
+    reaction steps that looked at it and that waited, and their seconds waited; None on a server without the gate."""
+    if after.value("dispider_decision_gate_checks_total") is None:
+        return None
+
+    def counted(counter: str) -> float:
+        name = f"dispider_decision_gate_{counter}_total"
+        return (after.value(name) or 0) - ((before.value(name) or 0) if before else 0)
+
+    return {"holds": int(counted("holds")), "checks": int(counted("checks")), "waits": int(counted("waits")),
+            "wait_seconds": round(counted("wait_seconds"), 3)}

@@ -38,6 +38,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
+from dispider_vllm.decision_gate import DecisionGate
 from dispider_vllm.gc_pauses import GcPauseMeter, freeze_startup_heap
 from dispider_vllm.reaction.engine import ReactionEngine, ReactionEngineConfig
 from dispider_vllm.sidecar.client import SidecarClient, SidecarConfig
@@ -88,6 +89,7 @@ class Backends:
     sidecar: SidecarClient
     engine: ReactionEngine
     placement: Placement
+    decision_gate: DecisionGate | None = None  # the sidecar holds it, the reaction's steps wait at it
 
 
 # On a GPU an answer's whole prompt (about 4,400 positions) is prefilled in one vLLM step, as vLLM's own OpenAI
@@ -108,6 +110,7 @@ def make_backends(config: ServerConfig, parts: ModelParts) -> Backends:
     placement = host_placement(config)  # serve.placement: which GPUs the reaction takes, where the sidecar goes
     on_cpu = placement.platform == "cpu"
     log.info("placement: %s", placement.describe())
+    gate = DecisionGate.create() if config.decision_gate_ms > 0 else None
     sidecar = SidecarClient(SidecarConfig(
         part_dir=str(parts.perception_decision_dir),
         device=placement.sidecar_device,
@@ -130,6 +133,7 @@ def make_backends(config: ServerConfig, parts: ModelParts) -> Backends:
         turn_log=config.sidecar_turn_log,
         quantization=config.sidecar_quantization,
         frame_ring_mb=config.frame_ring_mb,
+        decision_gate=gate.name if gate else None,
     ))
     engine = ReactionEngine(ReactionEngineConfig(
         model_dir=str(parts.reaction_dir),
@@ -145,8 +149,10 @@ def make_backends(config: ServerConfig, parts: ModelParts) -> Backends:
         scheduling_policy=config.scheduling_policy,
         mps_client_priority=config.reaction_mps_priority,
         quantization=config.quantization,
+        decision_gate=gate.name if gate else None,
+        decision_gate_ms=config.decision_gate_ms,
     ))
-    return Backends(sidecar, engine, placement)
+    return Backends(sidecar, engine, placement, gate)
 
 
 async def start_backends(backends: Backends) -> None:
@@ -182,6 +188,9 @@ def kept_clips_line(features: dict) -> str:
 async def stop_backends(backends: Backends) -> None:
     await backends.sidecar.stop()
     backends.engine.shutdown()
+    gate, backends.decision_gate = backends.decision_gate, None  # a scrape from now on sees no gate
+    if gate is not None:  # both processes that attached it are gone
+        gate.close()
 
 
 # ---- the app ---------------------------------------------------------------------------------------------------------
@@ -190,6 +199,7 @@ def build_app(config: ServerConfig, backends: Backends) -> Starlette:
     gc_pauses = GcPauseMeter()
     metrics.watch(backends.sidecar.is_alive, backends.engine.is_alive, lambda: backends.sidecar.last_stats,
                   server_gc_pauses=gc_pauses.snapshot, frames_sent=lambda: dict(backends.sidecar.frames_sent))
+    metrics.watch_decision_gate(lambda: backends.decision_gate.counts() if backends.decision_gate else None)
     directory = config.tenant_directory()
     admission = Admission(config.stream_capacity())
 

@@ -21,6 +21,9 @@ from serve.access_log import ACCESS_LOG_MODES, filter_access_log
 from serve.admission import CAPACITY_BOUNDS
 from serve.placement import PlacementError, host_placement
 
+# A step waits at most this long for the gate (a hold the sidecar does not renew ends after 1 s anyway).
+MAX_DECISION_GATE_MS = 1000
+
 DESCRIPTION = """\
 Serve Dispider, a proactive streaming video LLM: the reaction model runs on vLLM, perception and decision
 run in a sidecar process, and an OpenAI-compatible API sits in front:
@@ -103,6 +106,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="fp8: the reaction model's weights and activations in FP8 (vLLM's online dynamic FP8 "
                              "of the bf16 checkpoint; a GPU of compute capability 8.9+, e.g. H100/H200, L40S). "
                              "Faster prefill, changed numerics; default off")
+    engine.add_argument("--decision-gate-ms", type=float, default=defaults.decision_gate_ms, metavar="MS",
+                        help="each vLLM step of the reaction first waits while the sidecar has closed clips to "
+                             "decide, at most MS (default 0: never waits). On a GPU the two share, decisions then "
+                             "run beside at most the reaction step in flight, and answers slow by what they wait "
+                             "(/metrics: dispider_decision_gate_*; docs/benchmarks.md, \"The decision gate\")")
 
     sidecar = parser.add_argument_group("sidecar (perception and decision)")
     sidecar.add_argument("--sidecar-device", default="auto", metavar="DEVICE",
@@ -270,6 +278,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         cuda_graphs=args.cuda_graphs, sidecar_lanes=args.sidecar_lanes,
         sidecar_schedule=args.sidecar_schedule, sidecar_turn_log=args.sidecar_turn_log,
         sidecar_quantization=args.sidecar_quantization, quantization=args.quantization,
+        decision_gate_ms=args.decision_gate_ms,
         frame_ring_mb=args.frame_ring_mb,
         max_batch_clips=args.max_batch_clips, max_kept_clips=args.max_kept_clips,
         kept_clips_memory_gib=args.kept_clips_memory_gib, respond_every=args.respond_every,
@@ -333,6 +342,9 @@ def _check(parser: argparse.ArgumentParser, config: ServerConfig) -> str:
     if config.frame_perception in ("arrival", "prefill") and config.preprocess_on == "host":
         parser.error(f"--frame-perception {config.frame_perception} takes frames as they came, for the GPU to "
                      "preprocess: it does not go with --preprocess-on host")
+    gate = config.decision_gate_ms
+    if not (math.isfinite(gate) and 0 <= gate <= MAX_DECISION_GATE_MS):
+        parser.error(f"--decision-gate-ms must be between 0 (off) and {MAX_DECISION_GATE_MS} ms, not {gate:g}")
     interval = config.switch_interval_ms
     if interval is not None and not (math.isfinite(interval) and 0.01 <= interval <= 1000):
         parser.error(f"--switch-interval must be between 0.01 and 1000 ms, not {interval:g}")

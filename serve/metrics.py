@@ -14,6 +14,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
+from dispider_vllm.decision_gate import GateCounts
 from dispider_vllm.sidecar.protocol import HistogramCounts, SidecarStats
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -123,6 +124,10 @@ class ServerMetrics:
             _ProcessCollector(sidecar_alive, engine_alive, sidecar_stats, server_gc_pauses, frames_sent)
         )
 
+    def watch_decision_gate(self, counts: Callable[[], GateCounts | None]) -> None:
+        """Report what the decision gate saw (``counts``: None while it is closed), when scraped."""
+        self.registry.register(_DecisionGateCollector(counts))
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
@@ -225,6 +230,24 @@ def _histogram(name: str, documentation: str, series: dict[tuple[str, ...], Hist
             buckets.append((floatToGoString(bound), cumulative))
         family.add_metric(list(label_values), buckets, sum_value=counts.total)
     return family
+
+
+class _DecisionGateCollector(Collector):
+    def __init__(self, counts: Callable[[], GateCounts | None]) -> None:
+        self._counts = counts
+
+    def collect(self) -> Iterator:
+        counts = self._counts()
+        if counts is None:
+            return
+        yield CounterMetricFamily("dispider_decision_gate_holds", "Times the sidecar held the reaction's next step "
+                                  "because closed clips waited to be decided", value=counts.holds)
+        yield CounterMetricFamily("dispider_decision_gate_checks", "Reaction steps that looked at the decision gate",
+                                  value=counts.checks)
+        yield CounterMetricFamily("dispider_decision_gate_waits", "Reaction steps that found the gate held and waited",
+                                  value=counts.waits)
+        yield CounterMetricFamily("dispider_decision_gate_wait_seconds", "Seconds reaction steps waited at the gate",
+                                  value=counts.waited_s)
 
 
 class _TenantCollector(Collector):

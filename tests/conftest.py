@@ -80,6 +80,7 @@ def launch_server(checkpoint, workdir: Path, extra_args: Sequence[str] = (), *, 
         "--max-model-len", "8192",
         "--sidecar-turn-log", str(handle.turn_log),
         "--switch-interval", "2",  # /health reports what the process runs with
+        "--decision-gate-ms", "20",  # the reaction's steps wait for the sidecar's decisions (at most 20 ms each)
         *extra_args,
     ]
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "PYTHONUNBUFFERED": "1"}

@@ -126,6 +126,16 @@ def test_engine_and_sidecar_options_reach_the_processes_that_use_them(default_ch
     assert default.engine.engine_args().max_num_batched_tokens is None  # on the CPU vLLM picks (2048 here)
     assert backends("--max-num-batched-tokens", "512").engine.engine_args().max_num_batched_tokens == 512
     assert backends("--sidecar-quantization", "fp8").sidecar.config.quantization == "fp8"
+    # The decision gate: none unless asked; asked, both processes get its name and vLLM the gated scheduler.
+    assert default.decision_gate is None and default.engine.engine_args().scheduler_cls is None
+    assert default.sidecar.config.decision_gate is None
+    gated = backends("--decision-gate-ms", "25")
+    try:
+        assert gated.engine.engine_args().scheduler_cls == "dispider_vllm.reaction.scheduler.gated_scheduler"
+        assert gated.sidecar.config.decision_gate == gated.engine.config.decision_gate == gated.decision_gate.name
+        assert gated.engine.config.decision_gate_ms == 25
+    finally:
+        gated.decision_gate.close()
     # The kept clips: 32 a stream, and 40% of the host's memory for all streams, unless told otherwise.
     assert default.sidecar.config.max_kept_clips == 32
     assert default.sidecar.config.kept_clips_budget_bytes == default_kept_clips_budget_bytes()
@@ -148,6 +158,9 @@ def test_engine_and_sidecar_options_reach_the_processes_that_use_them(default_ch
                                                (["--respond-every", "0"], "--respond-every must be >= 1"),
                                                (["--keep-alive", "0"], "--keep-alive must be >= 1"),
                                                (["--switch-interval", "0"], "--switch-interval must be between"),
+                                               (["--decision-gate-ms", "-1"], "--decision-gate-ms must be between 0"),
+                                               (["--decision-gate-ms", "nan"], "--decision-gate-ms must be between 0"),
+                                               (["--decision-gate-ms", "1001"], "and 1000 ms, not 1001"),
                                                (["--kept-clips-memory-gib", "0"], "--kept-clips-memory-gib must be > 0"),
                                                (["--kept-clips-memory-gib", "-2"], "must be > 0"),
                                                (["--sidecar-turn-log", "/"], "--sidecar-turn-log /: is a directory"),

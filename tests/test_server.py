@@ -21,7 +21,7 @@ import pytest
 from PIL import Image
 
 from sse_reader import EventReader
-from clients.server_metrics import MetricsSnapshot
+from clients.server_metrics import MetricsSnapshot, decision_gate_delta
 from dispider_vllm.video.synth import make_test_frames, make_test_video
 from serve.config import default_kept_clips_budget_bytes, installed
 
@@ -149,7 +149,7 @@ def test_models_health_and_openapi(client, http, dispider_server):
     # The reaction engine's settings as vLLM resolved them: on the CPU its own prefill chunk (2048) and answers at once.
     assert health.pop("reaction_features") == {"max_num_batched_tokens": 2048, "max_num_seqs": 128,
                                                "max_model_len": 8192, "quantization": None,
-                                               "mps_client_priority": "below_normal"}
+                                               "mps_client_priority": "below_normal", "decision_gate_ms": 20.0}
     # uvicorn's C parser and loop where installed (httptools is a dependency; uvloop comes with vLLM).
     # --switch-interval 2 (conftest) reached the server's process.
     assert health.pop("frontend") == {"http": "httptools", "loop": "uvloop" if installed("uvloop") else "asyncio",
@@ -605,10 +605,16 @@ def test_unknown_session_websocket(dispider_server):
 
 def test_still_healthy_with_metrics(http, client, videos, dispider_server):
     assert http.get("/health").status_code == 200
+    gate_before = MetricsSnapshot.parse(http.get("/metrics").text)
     completion = client.chat.completions.create(
         model=dispider_server.model, messages=video_message(data_url(videos[32])), max_tokens=2)
     assert completion.model_extra["dispider"]["decisions"] == 2
     metrics = http.get("/metrics").text
+    # --decision-gate-ms (conftest): the sidecar held the gate for the clips it decided, and the engine-core
+    # process's scheduler looked at it before the answer's steps.
+    gate = decision_gate_delta(gate_before, MetricsSnapshot.parse(metrics))
+    assert gate["holds"] >= 1 and gate["checks"] >= 1, gate
+    assert gate["waits"] <= gate["checks"] and gate["wait_seconds"] <= 0.02 * gate["waits"] + 0.5, gate
     # The 64-s chats trigger at clips 1 and 3 at once: the second waits behind the first answer.
     queued = float(next(line.split()[1] for line in metrics.splitlines()
                         if line.startswith("dispider_reaction_queued_total")))

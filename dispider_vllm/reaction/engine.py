@@ -86,6 +86,10 @@ class ReactionEngineConfig:
     # Under CUDA MPS, on a GPU shared with the sidecar: "below_normal" lets perception and decision go first.
     mps_client_priority: str = "below_normal"  # or "normal"; without an MPS daemon it does nothing
     quantization: str | None = None  # "fp8": vLLM's online dynamic FP8 of the bf16 weights (GPU only)
+    # The decision gate's shared-memory name (dispider_vllm/decision_gate.py): each engine step then waits while
+    # the sidecar decides closed clips, at most ``decision_gate_ms``. None: steps never wait.
+    decision_gate: str | None = None
+    decision_gate_ms: float = 0.0
     seed: int = 0
 
 
@@ -105,6 +109,7 @@ class ReactionEngine:
 
         _prepare_cpu_environment(self.config)
         _set_mps_client_priority(self.config)
+        _set_decision_gate(self.config)
         args = self.engine_args()
         # Blocks until the engine core is up (minutes on the CPU); called in a running loop, it also starts
         # the output handler, so a dead engine core shows in ``is_alive`` before any request.
@@ -128,6 +133,7 @@ class ReactionEngine:
             enforce_eager=self.config.enforce_eager,
             disable_custom_all_reduce=self.config.disable_custom_all_reduce,
             scheduling_policy=self.config.scheduling_policy,
+            scheduler_cls=GATED_SCHEDULER if self.config.decision_gate else None,
             seed=self.config.seed,
             # Answers of one stream share their system prompt and, with the same retrieved clips, their bundle.
             enable_prefix_caching=True,
@@ -151,7 +157,8 @@ class ReactionEngine:
         scheduler = self._llm.vllm_config.scheduler_config
         return {"max_num_batched_tokens": scheduler.max_num_batched_tokens, "max_num_seqs": scheduler.max_num_seqs,
                 "max_model_len": self._llm.model_config.max_model_len, "quantization": self.config.quantization,
-                "mps_client_priority": self.config.mps_client_priority}
+                "mps_client_priority": self.config.mps_client_priority,
+                "decision_gate_ms": self.config.decision_gate_ms if self.config.decision_gate else None}
 
     # -- answers ------------------------------------------------------------------------------------------
     def sampling_params(self, *, max_tokens: int, temperature: float, stop: Sequence[str] | None):
@@ -256,6 +263,18 @@ def _set_mps_client_priority(config: ReactionEngineConfig) -> None:
     """The engine-core process inherits this environment: under an MPS daemon its kernels queue behind those of
     normal-priority clients (the sidecar sets its own to normal), and without one CUDA ignores the variable."""
     os.environ["CUDA_MPS_CLIENT_PRIORITY"] = MPS_CLIENT_PRIORITIES[config.mps_client_priority]
+
+
+GATED_SCHEDULER = "dispider_vllm.reaction.scheduler.gated_scheduler"
+
+
+def _set_decision_gate(config: ReactionEngineConfig) -> None:
+    """The engine-core process inherits these: its scheduler (``GATED_SCHEDULER``) attaches the gate by name."""
+    from dispider_vllm.reaction.scheduler import GATE_ENV, LIMIT_ENV
+
+    if config.decision_gate:
+        os.environ[GATE_ENV] = config.decision_gate
+        os.environ[LIMIT_ENV] = str(config.decision_gate_ms)
 
 
 def _prepare_cpu_environment(config: ReactionEngineConfig) -> None:

@@ -64,6 +64,9 @@ class SidecarConfig:
     turn_log: str | None = None  # a JSON line per turn of the loop here (dispider_vllm/sidecar/turn_log.py)
     quantization: str | None = None  # "fp8": both models' matmuls in FP8 (dispider_vllm/fp8.py)
     frame_ring_mb: int = 256  # shared memory carrying frame pixels to the sidecar (0: pickled through the pipe)
+    # The decision gate's shared-memory name (dispider_vllm/decision_gate.py): held while closed clips wait, so that
+    # the reaction's next vLLM step waits for their decisions. None: no gate.
+    decision_gate: str | None = None
     extra: dict = field(default_factory=dict)
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from dispider_vllm.decision_gate import DecisionGate
 from dispider_vllm.gc_pauses import GcPauseMeter, freeze_startup_heap
 from dispider_vllm.sidecar.client import SidecarConfig
 from dispider_vllm.sidecar.engine import SECONDS_BUCKETS, decode_push
@@ -50,6 +51,7 @@ def run_sidecar(config: SidecarConfig, commands, events, frame_ring: str | None 
     os.environ["CUDA_MPS_CLIENT_PRIORITY"] = "0"  # before this process's first CUDA call
     try:
         ring = FrameRing.attach(frame_ring) if frame_ring else None
+        gate = DecisionGate.attach(config.decision_gate) if config.decision_gate else None
         engine = _build_engine(config)
         captured = engine.capture_graphs()  # on a GPU: before the first stream, not during its steps
         log.info("sidecar CUDA graphs captured at start: %s", captured)
@@ -61,9 +63,12 @@ def run_sidecar(config: SidecarConfig, commands, events, frame_ring: str | None 
     gc_pauses = GcPauseMeter()
     events.put(SidecarReady(device=config.device, model=config.part_dir, features=engine.features()))
     try:
-        _serve(engine, CommandIntake(commands, ring), events, gc_pauses, turn_log)
+        _serve(engine, CommandIntake(commands, ring), events, gc_pauses, turn_log, gate)
     finally:
         gc_pauses.close()
+        if gate is not None:
+            gate.hold(False)
+            gate.close()
         if turn_log is not None:
             turn_log.close()
         engine.close()
@@ -276,8 +281,10 @@ def _waiting(commands, limit: int = MAX_INTAKE_BATCH) -> list:
     return waiting
 
 
-def _serve(engine, intake: CommandIntake, events, gc_pauses: GcPauseMeter, turn_log: TurnLog | None = None) -> None:
+def _serve(engine, intake: CommandIntake, events, gc_pauses: GcPauseMeter, turn_log: TurnLog | None = None,
+           gate: DecisionGate | None = None) -> None:
     decoder = VideoDecoder()
+    hold = gate.hold if gate is not None else _no_gate
     last_stats = 0.0
     while True:
         idle = not engine.has_work() and not decoder.has_ready()
@@ -294,14 +301,21 @@ def _serve(engine, intake: CommandIntake, events, gc_pauses: GcPauseMeter, turn_
         for decoded in decoder.take(DECODED_PIECES_PER_TURN):
             _send_all(events, [decoded] if isinstance(decoded, StreamError) else _safely(engine.handle, decoded), clock)
         clock.handled(engine.clips_total)
+        hold(engine.pending_clips() > 0)  # the reaction's next step waits while closed clips do
         if engine.has_work():  # clips still in preprocessing count: the step waits for them briefly
             with torch.inference_mode():
-                _send_all(events, engine.step(), clock)
+                outgoing = engine.step()
+            hold(engine.pending_clips() > 0)  # before the events go: a decision out is one no longer waited for
+            _send_all(events, outgoing, clock)
         if turn_log is not None:
             turn_log.record(clock.stepped(engine.clips_total, engine.pending_clips()))
         if time.monotonic() - last_stats >= STATS_INTERVAL_S:
             last_stats = time.monotonic()
             events.put(_stats(engine, intake, gc_pauses))
+
+
+def _no_gate(closes_waiting: bool) -> None:
+    pass
 
 
 def _send_all(events, outgoing, clock) -> None:
