@@ -106,11 +106,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="fp8: the reaction model's weights and activations in FP8 (vLLM's online dynamic FP8 "
                              "of the bf16 checkpoint; a GPU of compute capability 8.9+, e.g. H100/H200, L40S). "
                              "Faster prefill, changed numerics; default off")
-    engine.add_argument("--decision-gate-ms", type=float, default=defaults.decision_gate_ms, metavar="MS",
+    engine.add_argument("--decision-gate-ms", type=float, metavar="MS",
                         help="each vLLM step of the reaction first waits while the sidecar has closed clips to "
-                             "decide, at most MS (default 0: never waits). On a GPU the two share, decisions then "
-                             "run beside at most the reaction step in flight, and answers slow by what they wait "
-                             "(/metrics: dispider_decision_gate_*; docs/benchmarks.md, \"The decision gate\")")
+                             "decide, at most MS: decisions then share the GPU with at most the reaction step in "
+                             "flight, and answers stream slower by what they wait (default: 25 on a GPU the sidecar "
+                             "shares with the reaction, 0 (never waits) otherwise; /metrics: dispider_decision_gate_*; "
+                             "docs/benchmarks.md, \"The decision gate\")")
 
     sidecar = parser.add_argument_group("sidecar (perception and decision)")
     sidecar.add_argument("--sidecar-device", default="auto", metavar="DEVICE",
@@ -343,7 +344,7 @@ def _check(parser: argparse.ArgumentParser, config: ServerConfig) -> str:
         parser.error(f"--frame-perception {config.frame_perception} takes frames as they came, for the GPU to "
                      "preprocess: it does not go with --preprocess-on host")
     gate = config.decision_gate_ms
-    if not (math.isfinite(gate) and 0 <= gate <= MAX_DECISION_GATE_MS):
+    if gate is not None and not (math.isfinite(gate) and 0 <= gate <= MAX_DECISION_GATE_MS):
         parser.error(f"--decision-gate-ms must be between 0 (off) and {MAX_DECISION_GATE_MS} ms, not {gate:g}")
     interval = config.switch_interval_ms
     if interval is not None and not (math.isfinite(interval) and 0.01 <= interval <= 1000):

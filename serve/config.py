@@ -51,8 +51,9 @@ class ServerConfig:
     scheduling_policy: str = "fcfs"  # "priority": reactions are ordered by their tenant's priority
     reaction_mps_priority: str = "below_normal"  # under CUDA MPS: the reaction's kernels queue behind the sidecar's
     quantization: str | None = None  # "fp8": vLLM's online FP8 for the reaction model (GPU only)
-    # each vLLM step first waits while the sidecar decides closed clips, at most this long (0: never waits)
-    decision_gate_ms: float = 0.0
+    # each vLLM step first waits while the sidecar decides closed clips, at most this long (0: never waits);
+    # None: 25 ms on a GPU the sidecar shares with the reaction, else 0 (serve.app.decision_gate_ms)
+    decision_gate_ms: float | None = None
     # sidecar (perception + decision)
     sidecar_device: str = "auto"
     sidecar_threads: int | None = None

@@ -92,6 +92,17 @@ def test_the_reaction_prefills_an_answer_in_one_step_on_a_gpu_unless_told():
     assert reaction_batched_tokens(512, on_cpu=False) == reaction_batched_tokens(512, on_cpu=True) == 512
 
 
+def test_reaction_steps_wait_for_decisions_where_the_sidecar_shares_their_gpu_unless_told():
+    from serve.app import SHARED_GPU_DECISION_GATE_MS, decision_gate_ms
+
+    shared, own = gpus(1), gpus(2)
+    cpu = plan_placement(platform="cpu", gpu_count=0, cpu_count=2)
+    assert shared.sidecar_shares_gpu and not own.sidecar_shares_gpu
+    assert decision_gate_ms(None, shared) == SHARED_GPU_DECISION_GATE_MS == 25
+    assert decision_gate_ms(None, own) == decision_gate_ms(None, cpu) == 0
+    assert decision_gate_ms(0, shared) == 0 and decision_gate_ms(10, own) == decision_gate_ms(10, cpu) == 10
+
+
 def test_engine_and_sidecar_options_reach_the_processes_that_use_them(default_checkpoint, tmp_path):
     """--disable-custom-all-reduce (hosts where vLLM's CUDA-IPC all-reduce fails) reaches vLLM's engine arguments,
     --preprocess-workers, --preprocess-on, --sidecar-schedule and the others the sidecar's configuration."""
